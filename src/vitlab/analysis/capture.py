@@ -1,0 +1,108 @@
+"""Capture: hook the layers an analysis asks for and stream their outputs to reducers.
+
+Inside ``with Capture(model, ...)``, every forward pass hands each requested layer's output,
+as it is produced, to ``on_layer(name, tensor)`` and each attention module's probabilities to
+``on_attention(name, probs)``. The reducer decides what to keep (a Gram matrix for CKA, running
+sums for distances), so memory is bounded by one batch, not by the data set. Attention
+probabilities are materialised even in models built with fused attention: the context switches
+the requested attention modules to their explicit path and restores them on exit, and every hook
+is removed on exit, also when the body raises.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import VitlabError
+
+Reducer = Callable[[str, torch.Tensor], None]
+
+
+def _first_tensor(output):
+    # Some modules return tuples (e.g. (tokens, aux)); the representation comes first.
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    return output
+
+
+class Capture:
+    """Context manager streaming layer outputs and attention probabilities of ``model``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] = (),
+        on_layer: Reducer | None = None,
+        attention: Sequence[str] = (),
+        on_attention: Reducer | None = None,
+    ) -> None:
+        self.model = model
+        self.layers, self.attention = list(layers), list(attention)
+        self.on_layer, self.on_attention = on_layer, on_attention
+        self._handles: list = []
+        self._fused: list[tuple[nn.Module, bool]] = []
+
+    def _module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise VitlabError(f"model {type(self.model).__name__} has no layer '{name}'") from None
+
+    def __enter__(self) -> "Capture":
+        try:
+            for name in self.layers:
+                self._handles.append(self._module(name).register_forward_hook(self._layer_hook(name)))
+            for name in self.attention:
+                module = self._module(name)
+                if not hasattr(module, "attn_drop"):
+                    raise VitlabError(f"attention module '{name}' ({type(module).__name__}) does not expose its "
+                                      "probabilities (no attn_drop); attention analyses cannot run on it")
+                if hasattr(module, "fused_attn"):
+                    self._fused.append((module, module.fused_attn))
+                    module.fused_attn = False  # the explicit path computes softmax(q k^T) we can see
+                self._handles.append(module.attn_drop.register_forward_hook(self._attention_hook(name)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module, fused in self._fused:
+            module.fused_attn = fused
+        self._handles, self._fused = [], []
+
+    def _layer_hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.on_layer is not None:
+                self.on_layer(name, _first_tensor(output).detach())
+
+        return hook
+
+    def _attention_hook(self, name: str):
+        def hook(module, inputs, output):
+            # The input of attn_drop: probabilities before attention dropout.
+            if self.on_attention is not None:
+                self.on_attention(name, inputs[0].detach())
+
+        return hook
+
+
+class Store:
+    """The simplest reducer: keep every output, concatenated over batches (small data only)."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.outputs.setdefault(name, []).append(tensor.cpu())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.cat(self.outputs[name])
+
+    def keys(self):
+        return self.outputs.keys()

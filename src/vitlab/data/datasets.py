@@ -1,0 +1,219 @@
+"""Data sets by name: the embedded ``shapes``, ``cifar10``/``cifar100`` and ``imagefolder:PATH``.
+
+Every data set yields ``(PIL image, class index)`` before its transform, and is described by a
+:class:`DatasetInfo` (classes, native image size, normalisation statistics) that the trainer and
+the analyses use, so nothing downstream needs to know which data set it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from ..errors import VitlabError, unknown_name_error
+from .shapes import SHAPE_CLASSES, ShapesConfig, default_cache_dir, load_shapes
+from .transforms import build_transform
+
+DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder:PATH")
+
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+@dataclass
+class DataConfig:
+    """Which data, at what size, with which augmentation. Saved in every run's ``config.yaml``."""
+
+    #: ``shapes``, ``cifar10``, ``cifar100`` or ``imagefolder:PATH``.
+    name: str = "shapes"
+    #: Side of the (square) training images; ``None`` keeps the data set's native size.
+    image_size: int | None = None
+    #: Where CIFAR lives (default: ``$VITLAB_CACHE/data``, i.e. ``~/.cache/vitlab/data``).
+    root: str | None = None
+    #: Fetch CIFAR from the internet if it is missing. Never done unless asked.
+    download: bool = False
+    #: ``shapes`` only: images in the training and validation splits, and how texture relates to class.
+    num_train: int = 20_000
+    num_val: int = 2_000
+    texture_mode: str = "random"
+    #: ``imagefolder`` without ``train``/``val`` subfolders: the fraction of each class held out.
+    val_fraction: float = 0.1
+    #: ``crop-flip`` or ``none``; RandAugment as timm's config string (e.g. ``rand-m9-mstd0.5``) or ``None``.
+    augment: str = "crop-flip"
+    randaugment: str | None = None
+    #: DataLoader worker processes (0 loads in the training process).
+    num_workers: int = 0
+
+
+@dataclass
+class DatasetInfo:
+    """What the rest of vitlab needs to know about a data set."""
+
+    name: str
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class ShapesDataset(Dataset):
+    """A rendered ``shapes`` split. Besides ``(image, label)`` it exposes per-image ``masks``
+    (object pixels, (N, H, W) bool) and ``textures`` (texture label of the object)."""
+
+    def __init__(self, cfg: ShapesConfig, transform: Callable | None = None, progress: bool = False) -> None:
+        arrays = load_shapes(cfg, progress=progress)
+        self.images = arrays.images.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC for PIL
+        self.targets = arrays.labels.tolist()
+        self.masks, self.textures = arrays.masks, arrays.textures
+        self.classes = list(SHAPE_CLASSES)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def parse_name(name: str) -> tuple[str, str | None]:
+    """Split ``imagefolder:PATH`` into ``("imagefolder", PATH)``; other names have no path."""
+    kind, _, path = name.partition(":")
+    if kind == "imagefolder":
+        if not path:
+            raise VitlabError("imagefolder needs a path: use --data imagefolder:/path/to/folder")
+        return kind, path
+    if kind not in ("shapes", "cifar10", "cifar100") or path:
+        raise unknown_name_error("data set", name, DATASETS)
+    return kind, None
+
+
+def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = None,
+                  seed: int = 0, progress: bool = False) -> tuple[Dataset, DatasetInfo]:
+    """The ``split`` (``"train"`` or ``"val"``) of the data set ``cfg`` names, with its transform.
+
+    ``train_transform`` picks the augmenting transform (default: for the train split). The
+    shapes splits are rendered from seeds derived from ``seed`` so they never share an image.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not '{split}'")
+    kind, path = parse_name(cfg.name)
+    if kind == "shapes":
+        size = cfg.image_size or 32
+        n = cfg.num_train if split == "train" else cfg.num_val
+        shapes_cfg = ShapesConfig(num_images=n, image_size=size, seed=2 * seed + (split == "val"),
+                                  texture_mode=cfg.texture_mode)
+        dataset = ShapesDataset(shapes_cfg, progress=progress)
+        info = DatasetInfo("shapes", list(SHAPE_CLASSES), size)
+    elif kind in _CIFAR_STATS:
+        dataset, info = _cifar(kind, cfg, split)
+    else:
+        dataset, info = _imagefolder(path, cfg, split, seed)
+    if len(dataset) == 0:
+        raise VitlabError(f"the {split} split of '{cfg.name}' is empty; check the data set and its options")
+    native = info.image_size
+    if cfg.image_size:
+        info.image_size = cfg.image_size
+    augment = split == "train" if train_transform is None else train_transform
+    transform = build_transform(info.image_size, info.mean, info.std, train=augment, augment=cfg.augment,
+                                randaugment=cfg.randaugment, native_size=native)
+    _set_transform(dataset, transform)
+    return dataset, info
+
+
+def _set_transform(dataset: Dataset, transform: Callable) -> None:
+    target = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(dataset, Subset):
+        # Subsets of one folder share the underlying data set: give each split its own transform.
+        dataset.dataset = _WithTransform(target, transform)
+    else:
+        target.transform = transform
+
+
+class _WithTransform(Dataset):
+    """A view of a data set (yielding PIL images) with a transform of its own."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+def _cifar(kind: str, cfg: DataConfig, split: str) -> tuple[Dataset, DatasetInfo]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if kind == "cifar10" else CIFAR100
+    root = Path(cfg.root or default_cache_dir() / "data")
+    try:
+        # CIFAR's official test split serves as validation: it is never trained on.
+        dataset = cls(str(root), train=split == "train", download=cfg.download)
+    except RuntimeError:
+        raise VitlabError(
+            f"{kind} is not in {root}; pass --download to fetch it, or --data-root DIR where it is"
+        ) from None
+    mean, std = _CIFAR_STATS[kind]
+    return dataset, DatasetInfo(kind, list(dataset.classes), 32, mean, std)
+
+
+def _imagefolder(path: str, cfg: DataConfig, split: str, seed: int) -> tuple[Dataset, DatasetInfo]:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise VitlabError(f"image folder '{root}' does not exist or is not a directory")
+    has_splits = (root / "train").is_dir() and (root / "val").is_dir()
+    try:
+        folder = ImageFolder(str(root / split) if has_splits else str(root), loader=_load_rgb)
+    except FileNotFoundError as e:
+        raise VitlabError(f"no images in '{root}': it needs one sub-folder of images per class ({e})") from None
+    if has_splits:
+        dataset: Dataset = folder
+    else:
+        dataset = Subset(folder, holdout_indices(folder.targets, cfg.val_fraction, seed, split))
+    with Image.open(folder.samples[0][0]) as first:
+        native = first.size[0] if first.size[0] == first.size[1] else None
+    if native is None and not cfg.image_size:
+        raise VitlabError(f"images in '{root}' are not square; choose a size with --image-size")
+    return dataset, DatasetInfo(f"imagefolder:{root}", list(folder.classes), native or cfg.image_size)
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def holdout_indices(targets: Sequence[int], fraction: float, seed: int, split: str) -> list[int]:
+    """Indices of a seeded, class-balanced hold-out (``split="val"``) or of the rest (``"train"``).
+
+    Each class gives up round(fraction x its size) images, chosen at random with ``seed``;
+    the same seed always gives the same split.
+    """
+    if not 0 < fraction < 1:
+        raise VitlabError(f"val_fraction must be between 0 and 1, not {fraction}")
+    targets_t = torch.as_tensor(list(targets))
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in targets_t.unique().tolist():
+        idx = (targets_t == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = round(fraction * len(idx))
+        chosen.append(idx[:k] if split == "val" else idx[k:])
+    return sorted(torch.cat(chosen).tolist())

@@ -1,0 +1,82 @@
+"""vitlab's model zoo.
+
+Every model is registered in timm's registry, so ``timm.create_model(name)`` builds it as well
+as :func:`create_model`. Importing this package registers them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import is_model, model_entrypoint
+
+from ..errors import VitlabError, unknown_name_error
+from . import mixer, resnet, vit  # noqa: F401  (registers the models)
+
+__all__ = ["create_model", "list_models", "count_parameters", "is_vitlab_model"]
+
+
+def is_vitlab_model(name: str) -> bool:
+    """True if ``name`` is one of vitlab's own registered models (not a stock timm model)."""
+    return is_model(name) and model_entrypoint(name).__module__.startswith("vitlab.")
+
+
+def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
+    """Names of vitlab's registered models matching the shell-style ``pattern``, sorted.
+
+    With ``include_timm``, stock timm models matching the pattern are listed too.
+    """
+    names = timm.list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
+    return sorted(n for n in names if include_timm or is_vitlab_model(n))
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the model registered as ``name`` (vitlab's or timm's), with keyword overrides.
+
+    Common overrides: ``num_classes``, ``img_size``, ``drop_path_rate``, ``pretrained`` (timm
+    weights; needs the network unless they are cached). Raises :class:`VitlabError` with the
+    closest valid names for an unknown model, and for an image size the patch size does not divide.
+    """
+    if not is_model(name):
+        raise unknown_name_error("model", name, timm.list_models(), hint="(list them with `vitlab models`)")
+    try:
+        model = timm.create_model(name, **overrides)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            bad = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
+            raise VitlabError(f"model '{name}' does not take the option '{bad}'") from None
+        raise
+    _check_patch_grid(name, model)
+    return model
+
+
+def _check_patch_grid(name: str, model: nn.Module) -> None:
+    """Refuse an image size that the patch size does not divide (timm would silently crop it)."""
+    embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)
+    img_size, patch_size = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if img_size is None or patch_size is None:
+        return
+    for size, patch in zip(img_size, patch_size):
+        if size % patch:
+            ok = [s for s in range(max(patch, size - 2 * patch), size + 2 * patch + 1) if s % patch == 0]
+            raise VitlabError(
+                f"image size {tuple(img_size)} is not divisible by the patch size {patch} of '{name}'; "
+                f"use a multiple of {patch}, e.g. {', '.join(map(str, ok[:3]))}"
+            )
+
+
+def count_parameters(name_or_model: str | nn.Module, **overrides: Any) -> int:
+    """Number of parameters (frozen ones included, buffers excluded) of a model or model name.
+
+    A name is built on PyTorch's meta device, so counting even ViT-L costs no memory or time.
+    """
+    if isinstance(name_or_model, str):
+        with torch.device("meta"):
+            model = create_model(name_or_model, **overrides)
+    else:
+        model = name_or_model
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,31 @@
+"""Building blocks shared by vitlab's model families that timm does not provide."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ChannelPadShortcut(nn.Module):
+    """The parameter-free "option A" shortcut of He et al. (2016) for CIFAR ResNets.
+
+    Subsamples the input spatially by ``stride`` and zero-pads the new channels, half on each
+    side, so the residual path can change width without a projection (and without parameters,
+    which is what makes ResNet-20 exactly 269,722 parameters).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"option-A shortcut cannot shrink channels ({in_channels} -> {out_channels})")
+        self.stride = stride
+        self.pad_before = (out_channels - in_channels) // 2
+        self.pad_after = out_channels - in_channels - self.pad_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad=({self.pad_before}, {self.pad_after})"

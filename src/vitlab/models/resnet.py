@@ -1,0 +1,190 @@
+"""ResNets for 32x32 images.
+
+Two families, both on timm's ``BasicBlock``:
+
+* ``CifarResNet``: the 6n+2-layer networks of He et al. (2016, section 4.2): a 3x3 stem with 16
+  channels, three stages of n blocks with 16, 32 and 64 channels, and the parameter-free
+  "option A" shortcut. ResNet-20/56/110 have exactly 269,722 / 853,018 / 1,727,962 parameters.
+* ``resnet18_cifar``: timm's ImageNet ResNet-18 with the usual CIFAR stem (one 3x3 stride-1
+  convolution, no max-pool), so a 32x32 image keeps a 32x32 map in the first stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, ResNet
+
+from .layers import ChannelPadShortcut
+
+# --- model classes ------------------------------------------------------------------------------
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al.: stem, three stages of ``depth_per_stage`` basic blocks, head."""
+
+    def __init__(
+        self,
+        depth_per_stage: int = 3,
+        channels: tuple[int, ...] = (16, 32, 64),
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        zero_init_last: bool = True,
+        **kwargs: Any,  # timm passes img_size etc. through create_model; a CNN does not need them
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.conv1 = nn.Conv2d(in_chans, channels[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels[0])
+        self.act1 = nn.ReLU(inplace=True)
+        self.feature_info = [dict(num_chs=channels[0], reduction=1, module="act1")]
+
+        num_blocks = depth_per_stage * len(channels)
+        in_ch, block_idx = channels[0], 0
+        for stage_idx, out_ch in enumerate(channels):
+            stride = 1 if stage_idx == 0 else 2
+            blocks = []
+            for i in range(depth_per_stage):
+                s = stride if i == 0 else 1
+                shortcut = ChannelPadShortcut(in_ch, out_ch, s) if (s != 1 or in_ch != out_ch) else None
+                # Stochastic depth grows linearly with depth, as in timm's ResNet.
+                dpr = drop_path_rate * block_idx / max(num_blocks - 1, 1)
+                drop_path = DropPath(dpr) if dpr > 0 else None
+                blocks.append(BasicBlock(in_ch, out_ch, stride=s, downsample=shortcut, drop_path=drop_path))
+                in_ch, block_idx = out_ch, block_idx + 1
+            self.add_module(f"layer{stage_idx + 1}", nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=out_ch, reduction=2**stage_idx, module=f"layer{stage_idx + 1}"))
+        self.stages = [f"layer{i + 1}" for i in range(len(channels))]
+
+        self.num_features = self.head_hidden_size = channels[-1]
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self._init_weights(zero_init_last)
+
+    def _init_weights(self, zero_init_last: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_last:  # each residual branch starts as identity: faster, stabler early training
+            for m in self.modules():
+                if hasattr(m, "zero_init_last"):
+                    m.zero_init_last()
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class CifarStemResNet(ResNet):
+    """timm's ``ResNet`` with the CIFAR stem: a 3x3 stride-1 convolution and no max-pool."""
+
+    def __init__(self, *args: Any, in_chans: int = 3, **kwargs: Any) -> None:
+        kwargs.pop("img_size", None)
+        super().__init__(*args, in_chans=in_chans, **kwargs)
+        stem_width = self.conv1.out_channels
+        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.Identity()
+        # Without the 4x stem reduction every feature map is 4x larger than timm records.
+        for info in self.feature_info:
+            info["reduction"] = max(info["reduction"] // 4, 1)
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+
+def _create(cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "fixed_input_size": False,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "first_conv": "conv1",
+        "classifier": "fc",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "resnet20_cifar": _cfg(),
+        "resnet32_cifar": _cfg(),
+        "resnet44_cifar": _cfg(),
+        "resnet56_cifar": _cfg(),
+        "resnet110_cifar": _cfg(),
+        "resnet18_cifar": _cfg(pool_size=(4, 4)),
+    }
+)
+
+# --- registered variants --------------------------------------------------------------------------
+
+
+@register_model
+def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-20 (He et al., option A shortcuts): 3 blocks per stage, 0.27M parameters."""
+    return _create(CifarResNet, "resnet20_cifar", pretrained, **dict(dict(depth_per_stage=3), **kwargs))
+
+
+@register_model
+def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-32 (He et al., option A shortcuts): 5 blocks per stage."""
+    return _create(CifarResNet, "resnet32_cifar", pretrained, **dict(dict(depth_per_stage=5), **kwargs))
+
+
+@register_model
+def resnet44_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-44 (He et al., option A shortcuts): 7 blocks per stage."""
+    return _create(CifarResNet, "resnet44_cifar", pretrained, **dict(dict(depth_per_stage=7), **kwargs))
+
+
+@register_model
+def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-56 (He et al., option A shortcuts): 9 blocks per stage, 0.85M parameters."""
+    return _create(CifarResNet, "resnet56_cifar", pretrained, **dict(dict(depth_per_stage=9), **kwargs))
+
+
+@register_model
+def resnet110_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-110 (He et al., option A shortcuts): 18 blocks per stage, 1.7M parameters."""
+    return _create(CifarResNet, "resnet110_cifar", pretrained, **dict(dict(depth_per_stage=18), **kwargs))
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> CifarStemResNet:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (11.2M parameters at 10 classes)."""
+    args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    return _create(CifarStemResNet, "resnet18_cifar", pretrained, **dict(args, **kwargs))

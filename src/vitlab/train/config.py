@@ -1,0 +1,113 @@
+"""Training configuration: one dataclass, loaded from and saved to YAML.
+
+A run's ``config.yaml`` holds every value the run used, so the run can be rebuilt or resumed
+from it alone. Unknown keys are refused with the list of valid ones (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import DataConfig
+from ..errors import VitlabError, closest_names
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on."""
+
+    #: Registered model name (``vitlab models`` lists them) and keyword overrides for it.
+    model: str = "vit_nano_patch4_32"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 10
+    batch_size: int = 128
+    #: Peak learning rate of AdamW (reached after the warm-up), and the floor of the cosine decay.
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    #: Linear warm-up from ``warmup_lr`` to ``lr``, in epochs (fractions allowed).
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    #: Stochastic depth rate (timm's ``drop_path_rate``), for models that have it.
+    drop_path: float = 0.0
+    #: Clip the gradient norm to this value (``None``: no clipping).
+    grad_clip: float | None = None
+    seed: int = 0
+    eval_batch_size: int = 256
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, with a message naming the fix."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be positive, not {self.lr}"),
+            (self.warmup_epochs >= 0, f"warm-up must be non-negative, not {self.warmup_epochs}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VitlabError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build a config from a (possibly partial) dict, refusing unknown keys."""
+        values = dict(values or {})
+        data = values.pop("data", None) or {}
+        _check_keys(values, cls, source)
+        _check_keys(data, DataConfig, f"{source} (data section)")
+        cfg = cls(**values, data=DataConfig(**data))
+        cfg.validate()
+        return cfg
+
+    def merged(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """A copy with ``overrides`` applied; keys ``data.X`` set fields of the data section."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key.startswith("data."):
+                values["data"][key[5:]] = value
+            else:
+                values[key] = value
+        return TrainConfig.from_dict(values, source="options")
+
+
+def _check_keys(values: dict[str, Any], cls: type, source: str) -> None:
+    valid = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in valid:
+            close = closest_names(key, valid)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise VitlabError(f"unknown key '{key}' in {source}; {hint}valid keys: {', '.join(valid)}")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a training config (recipe) from a YAML file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise VitlabError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as e:
+        raise VitlabError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise VitlabError(f"config file '{path}' must hold a mapping of keys to values")
+    return TrainConfig.from_dict(values, source=f"'{path}'")
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The config as YAML text (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["TrainConfig", "DataConfig", "load_config", "dump_config"]

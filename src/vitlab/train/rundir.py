@@ -1,0 +1,144 @@
+"""The run directory: the unit everything in vitlab passes around.
+
+``runs/NAME/`` holds ``config.yaml`` (enough to rebuild the model and the data),
+``model.safetensors`` (the weights), ``metrics.csv`` (one row per epoch), ``state.pt``
+(optimizer, scheduler, RNG and epoch, for resuming) and, later, analysis outputs. Every file is
+written atomically: a run killed mid-write keeps the previous complete file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import VitlabError
+from .config import TrainConfig, dump_config, load_config
+
+CONFIG, WEIGHTS, METRICS, STATE = "config.yaml", "model.safetensors", "metrics.csv", "state.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # makes the rename itself durable; not possible on every platform
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create the run directory, refusing to clobber an existing run unless told what to do."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            shutil.rmtree(path)
+        elif not resume:
+            raise VitlabError(f"run directory '{path}' already exists; pass --resume to continue it, "
+                              "--overwrite to replace it, or --out for another directory")
+    elif resume:
+        raise VitlabError(f"cannot resume '{path}': it does not exist or is empty")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_config(run_dir: Path, cfg: TrainConfig) -> None:
+    atomic_write_bytes(Path(run_dir) / CONFIG, dump_config(cfg).encode())
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise VitlabError(f"'{run_dir}' is not a vitlab run directory (no {CONFIG})")
+    return load_config(path)
+
+
+def save_weights(run_dir: Path, model: nn.Module) -> None:
+    # safetensors refuses tensors that share memory; clone() gives each its own storage.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = Path(run_dir) / f".{WEIGHTS}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(run_dir) / WEIGHTS)
+    _fsync_dir(Path(run_dir))
+
+
+def load_weights(run_dir: Path, model: nn.Module) -> None:
+    """Load ``model.safetensors`` into ``model``; a damaged or mismatched file gets one clear line."""
+    path = Path(run_dir) / WEIGHTS
+    if not path.exists():
+        raise VitlabError(f"'{run_dir}' has no trained weights ({WEIGHTS}); train it first or pick another run")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VitlabError(f"checkpoint '{path}' is corrupt ({str(e).splitlines()[0]}); "
+                          "retrain with --overwrite or restore the file") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise VitlabError(f"checkpoint '{path}' does not fit model '{type(model).__name__}' ({first}); "
+                          "was config.yaml edited?") from None
+
+
+def save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(run_dir) / STATE, buffer.getvalue())
+
+
+def load_state(run_dir: Path) -> dict[str, Any] | None:
+    """The resumable training state, or ``None`` when the run has not finished an epoch yet."""
+    path = Path(run_dir) / STATE
+    if not path.exists():
+        return None
+    try:
+        # weights_only: a state file holds tensors and plain containers, never arbitrary objects.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (pickle, zip and EOF errors all mean "damaged")
+        raise VitlabError(f"training state '{path}' is corrupt ({type(e).__name__}); "
+                          "restart the run with --overwrite") from None
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Write all epoch rows to ``metrics.csv`` (rewritten whole, atomically, each epoch)."""
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(Path(run_dir) / METRICS, buffer.getvalue().encode())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
