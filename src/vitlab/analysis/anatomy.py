@@ -40,8 +40,9 @@ class Anatomy:
     layers: list[Layer]
     #: Module paths of attention modules in depth order (empty for CNNs and Mixers).
     attention: list[str] = field(default_factory=list)
-    #: Heads of each attention module, in the same order.
+    #: Heads of each attention module, and a short label for each (the block it sits in).
     num_heads: list[int] = field(default_factory=list)
+    attention_labels: list[str] = field(default_factory=list)
     #: Token grid (rows, columns) of token-based models; ``None`` for CNNs.
     grid: tuple[int, int] | None = None
     #: Tokens before the patch tokens (class token, distillation token, registers).
@@ -99,6 +100,7 @@ def _vit(model: nn.Module) -> Anatomy:
         layers=layers,
         attention=[f"blocks.{i}.attn" for i in range(len(model.blocks))],
         num_heads=[blk.attn.num_heads for blk in model.blocks],
+        attention_labels=[f"block{i + 1}" for i in range(len(model.blocks))],
         grid=_pair(embed.grid_size),
         prefix_tokens=model.num_prefix_tokens,
         patch_size=_pair(embed.patch_size),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import VitlabError
 from .results import to_jsonable
 
 __all__ = [
@@ -54,7 +55,7 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     except TypeError:
         pair = ()
     if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+        raise VitlabError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
@@ -87,16 +88,16 @@ def _distance_matrix(grid: int | tuple[int, int], patch_px: int | tuple[int, int
 def _check_attention(attn: Tensor, grid: tuple[int, int], prefix_tokens: int) -> None:
     """Raise a one-line ValueError unless ``attn`` is (batch, heads, T, T) with T = prefix + patches."""
     if attn.ndim != 4:
-        raise ValueError(
+        raise VitlabError(
             f"attention must be 4-D (batch, heads, tokens, tokens), got shape {tuple(attn.shape)}"
         )
     if attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(
+        raise VitlabError(
             f"attention must be square over tokens (batch, heads, T, T), got shape {tuple(attn.shape)}"
         )
     expected = prefix_tokens + grid[0] * grid[1]
     if attn.shape[-1] != expected:
-        raise ValueError(
+        raise VitlabError(
             f"attention has {attn.shape[-1]} tokens but expected {expected} "
             f"({prefix_tokens} prefix + {grid[0]}x{grid[1]} grid = {grid[0] * grid[1]} patches); "
             f"check grid and prefix_tokens"
@@ -161,7 +162,7 @@ def mean_attention_distance(
     """
     grid_hw = _pair(grid, "grid")
     if prefix_tokens < 0:
-        raise ValueError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
+        raise VitlabError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
     _check_attention(attn, grid_hw, prefix_tokens)
     with torch.no_grad():
         dist = _distance_matrix(grid_hw, patch_px).to(attn.device)
@@ -198,7 +199,7 @@ class AttentionDistance:
         self.grid = _pair(grid, "grid")
         self.patch_px = _pair(patch_px, "patch_px")
         if prefix_tokens < 0:
-            raise ValueError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
+            raise VitlabError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
         self.prefix_tokens = prefix_tokens
         self.renormalize = renormalize
         # dicts keep insertion order, which is the layers' first-seen order.
@@ -217,7 +218,7 @@ class AttentionDistance:
         _check_attention(attn, self.grid, self.prefix_tokens)
         heads = attn.shape[1]
         if layer in self.distance_sums and self.distance_sums[layer].numel() != heads:
-            raise ValueError(
+            raise VitlabError(
                 f"layer '{layer}' had {self.distance_sums[layer].numel()} heads before, got {heads} now"
             )
         with torch.no_grad():
@@ -253,10 +254,10 @@ class AttentionDistance:
         """
         means = self.compute()
         if not means:
-            raise ValueError("no attention added; call add(layer, attn) before result()")
+            raise VitlabError("no attention added; call add(layer, attn) before result()")
         head_counts = {m.numel() for m in means.values()}
         if len(head_counts) != 1:
-            raise ValueError(
+            raise VitlabError(
                 f"layers have different head counts {sorted(head_counts)}; "
                 f"use compute() for per-layer values instead"
             )
@@ -295,7 +296,7 @@ class AttentionDistanceResult:
         self.layers = list(self.layers)
         self.distances = np.asarray(self.distances, dtype=np.float64)
         if self.distances.ndim != 2 or self.distances.shape[0] != len(self.layers):
-            raise ValueError(
+            raise VitlabError(
                 f"distances must have shape (layers={len(self.layers)}, heads), "
                 f"got {self.distances.shape}"
             )

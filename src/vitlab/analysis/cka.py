@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import closest_names
+from ..errors import VitlabError, closest_names
 from .results import to_jsonable
 
 __all__ = [
@@ -81,29 +81,29 @@ def _as_features(x: Any, name: str) -> Tensor:
     """``x`` (tensor or array-like, shape ``(n, ...)``) as a finite float64 ``(n, d)`` tensor."""
     t = x.detach() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim == 0:
-        raise ValueError(f"{name} must have a leading example dimension, got a scalar")
+        raise VitlabError(f"{name} must have a leading example dimension, got a scalar")
     t = t.reshape(t.shape[0], -1).to(device=_f64_device(t.device), dtype=torch.float64)
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        raise VitlabError(f"{name} contains non-finite values (NaN or inf)")
     return t
 
 
 def _check_pair(x: Tensor, y: Tensor, debiased: bool) -> int:
     """Number of examples shared by ``x`` and ``y``; ValueError if they differ or are too few."""
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+        raise VitlabError(f"x and y must have the same number of examples, got {x.shape[0]} and {y.shape[0]}")
     n = x.shape[0]
     if debiased and n < _MIN_UNBIASED_N:
-        raise ValueError(f"debiased CKA needs at least {_MIN_UNBIASED_N} examples, got n={n}")
+        raise VitlabError(f"debiased CKA needs at least {_MIN_UNBIASED_N} examples, got n={n}")
     if n < 2:
-        raise ValueError(f"CKA needs at least 2 examples, got n={n}")
+        raise VitlabError(f"CKA needs at least 2 examples, got n={n}")
     return n
 
 
 def _square(gram: Tensor, name: str) -> Tensor:
     """``gram`` as a float64 tensor, checked to be a square matrix."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"{name} must be a square (n, n) matrix, got shape {tuple(gram.shape)}")
+        raise VitlabError(f"{name} must be a square (n, n) matrix, got shape {tuple(gram.shape)}")
     return gram.to(device=_f64_device(gram.device), dtype=torch.float64)
 
 
@@ -117,7 +117,7 @@ def gram_linear(x: Tensor) -> Tensor:
         ``(n, n)`` tensor in the dtype of ``x`` (float64 for non-floating input).
     """
     if x.ndim == 0:
-        raise ValueError("x must have a leading example dimension, got a scalar")
+        raise VitlabError("x must have a leading example dimension, got a scalar")
     flat = x.reshape(x.shape[0], -1)
     if not flat.is_floating_point():
         flat = flat.to(torch.float64)
@@ -151,7 +151,7 @@ def gram_rbf(x: Tensor | np.ndarray, sigma_frac: float = 0.5) -> Tensor:
         float64 ``(n, n)`` Gram matrix.
     """
     if not sigma_frac > 0:
-        raise ValueError(f"sigma_frac must be > 0, got {sigma_frac}")
+        raise VitlabError(f"sigma_frac must be > 0, got {sigma_frac}")
     feats = _as_features(x, "x")
     # Distances are translation invariant; centring first limits cancellation in |a|^2+|b|^2-2ab.
     feats = feats - feats.mean(0, keepdim=True)
@@ -160,7 +160,7 @@ def gram_rbf(x: Tensor | np.ndarray, sigma_frac: float = 0.5) -> Tensor:
     sq_dist.fill_diagonal_(0.0)
     sq_median = _median(sq_dist)
     if not sq_median > 0:
-        raise ValueError("median pairwise distance is zero (too many identical examples); RBF bandwidth undefined")
+        raise VitlabError("median pairwise distance is zero (too many identical examples); RBF bandwidth undefined")
     return torch.exp(-sq_dist / (2.0 * sigma_frac**2 * sq_median))
 
 
@@ -182,7 +182,7 @@ def center_gram(gram: Tensor, unbiased: bool = False) -> Tensor:
     if not unbiased:
         return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
     if n < _MIN_UNBIASED_N:
-        raise ValueError(f"unbiased centring needs at least {_MIN_UNBIASED_N} examples, got n={n}")
+        raise VitlabError(f"unbiased centring needs at least {_MIN_UNBIASED_N} examples, got n={n}")
     # Subtracting the diagonal (instead of fill_diagonal_) keeps the input untouched and autograd happy.
     g = g - torch.diag_embed(torch.diagonal(g))
     u = g - g.sum(1, keepdim=True) / (n - 2) - g.sum(0, keepdim=True) / (n - 2) + g.sum() / ((n - 1) * (n - 2))
@@ -204,14 +204,14 @@ def hsic(gram_x: Tensor, gram_y: Tensor, unbiased: bool = True) -> Tensor:
     k = _square(gram_x, "gram_x")
     l_ = _square(gram_y, "gram_y")
     if k.shape != l_.shape:
-        raise ValueError(f"gram_x and gram_y must have the same shape, got {tuple(k.shape)} and {tuple(l_.shape)}")
+        raise VitlabError(f"gram_x and gram_y must have the same shape, got {tuple(k.shape)} and {tuple(l_.shape)}")
     n = k.shape[0]
     if unbiased:
         if n < _MIN_UNBIASED_N:
-            raise ValueError(f"unbiased HSIC needs at least {_MIN_UNBIASED_N} examples, got n={n}")
+            raise VitlabError(f"unbiased HSIC needs at least {_MIN_UNBIASED_N} examples, got n={n}")
         return (center_gram(k, True) * center_gram(l_, True)).sum() / (n * (n - 3))
     if n < 2:
-        raise ValueError(f"HSIC needs at least 2 examples, got n={n}")
+        raise VitlabError(f"HSIC needs at least 2 examples, got n={n}")
     return (center_gram(k) * center_gram(l_)).sum() / ((n - 1) ** 2)
 
 
@@ -230,7 +230,7 @@ def cka_from_grams(gram_x: Tensor, gram_y: Tensor, debiased: bool = False) -> fl
     kc = center_gram(gram_x, unbiased=debiased)
     lc = center_gram(gram_y, unbiased=debiased)
     if kc.shape != lc.shape:
-        raise ValueError(f"gram_x and gram_y must have the same shape, got {tuple(kc.shape)} and {tuple(lc.shape)}")
+        raise VitlabError(f"gram_x and gram_y must have the same shape, got {tuple(kc.shape)} and {tuple(lc.shape)}")
     # The normalisations of HSIC cancel in the ratio, so plain Frobenius products suffice.
     num = (kc * lc).sum()
     den = torch.sqrt((kc * kc).sum() * (lc * lc).sum())
@@ -319,13 +319,13 @@ class MinibatchCKA:
     @staticmethod
     def _check_layers(layers: Sequence[str], name: str) -> list[str]:
         if isinstance(layers, str):
-            raise ValueError(f"{name} must be a sequence of layer names, not a single string {layers!r}")
+            raise VitlabError(f"{name} must be a sequence of layer names, not a single string {layers!r}")
         out = [str(layer) for layer in layers]
         if not out:
-            raise ValueError(f"{name} must name at least one layer")
+            raise VitlabError(f"{name} must name at least one layer")
         dupes = sorted({layer for layer in out if out.count(layer) > 1})
         if dupes:
-            raise ValueError(f"{name} contains duplicate layer names: {', '.join(dupes)}")
+            raise VitlabError(f"{name} contains duplicate layer names: {', '.join(dupes)}")
         return out
 
     def reset(self) -> None:
@@ -352,22 +352,22 @@ class MinibatchCKA:
                 other dtype builds its Gram in float32.
         """
         if side not in (0, 1):
-            raise ValueError(f"side must be 0 (model A) or 1 (model B), got {side!r}")
+            raise VitlabError(f"side must be 0 (model A) or 1 (model B), got {side!r}")
         if side == 1 and self.self_comparison:
-            raise ValueError("this accumulator compares model A with itself (layers_b=None); add features with side=0")
+            raise VitlabError("this accumulator compares model A with itself (layers_b=None); add features with side=0")
         if layer not in self._index[side]:
             close = closest_names(str(layer), self._index[side])
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown layer {layer!r} for {self._side_name(side)}{hint}")
+            raise VitlabError(f"unknown layer {layer!r} for {self._side_name(side)}{hint}")
         if layer in self._grams[side]:
-            raise ValueError(
+            raise VitlabError(
                 f"layer {layer!r} of {self._side_name(side)} was already added in this batch; "
                 "call end_batch() between batches"
             )
         if not isinstance(features, Tensor):
             features = torch.as_tensor(np.asarray(features))
         if features.ndim == 0:
-            raise ValueError(f"features of layer {layer!r} must have a leading batch dimension, got a scalar")
+            raise VitlabError(f"features of layer {layer!r} must have a leading batch dimension, got a scalar")
         n = int(features.shape[0])
         if n < _MIN_UNBIASED_N:
             # Reported by end_batch, together with the other batch-size checks.
@@ -382,7 +382,7 @@ class MinibatchCKA:
             flat = flat - flat.mean(0, keepdim=True)
             gram = (flat @ flat.T).to(device=_f64_device(flat.device), dtype=torch.float64)
             if not bool(torch.isfinite(gram).all()):
-                raise ValueError(f"features of layer {layer!r} ({self._side_name(side)}) contain non-finite values")
+                raise VitlabError(f"features of layer {layer!r} ({self._side_name(side)}) contain non-finite values")
             self._grams[side][layer] = (n, center_gram(gram, unbiased=True))
 
     def _stack(self, side: int, layers: list[str]) -> Tensor:
@@ -396,17 +396,17 @@ class MinibatchCKA:
         for side, layers in zip(sides, (self.layers_a, self.layers_b)):
             for layer in layers:
                 if layer not in self._grams[side]:
-                    raise ValueError(f"layer {layer!r} of {self._side_name(side)} was not added in this batch")
+                    raise VitlabError(f"layer {layer!r} of {self._side_name(side)} was not added in this batch")
                 sizes[f"{layer!r} ({self._side_name(side)})"] = self._grams[side][layer][0]
         distinct = set(sizes.values())
         if len(distinct) > 1:
             detail = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-            raise ValueError(f"{_BATCH_SIZE_HINT}; batch sizes differ between layers ({detail})")
+            raise VitlabError(f"{_BATCH_SIZE_HINT}; batch sizes differ between layers ({detail})")
         n = distinct.pop()
         if self._batch_size is not None and n != self._batch_size:
-            raise ValueError(f"{_BATCH_SIZE_HINT}; got n={n} after earlier batches of n={self._batch_size}")
+            raise VitlabError(f"{_BATCH_SIZE_HINT}; got n={n} after earlier batches of n={self._batch_size}")
         if n < _MIN_UNBIASED_N:
-            raise ValueError(f"minibatch CKA needs batches of at least {_MIN_UNBIASED_N} examples, got n={n}")
+            raise VitlabError(f"minibatch CKA needs batches of at least {_MIN_UNBIASED_N} examples, got n={n}")
 
         ua = self._stack(0, self.layers_a)
         ub = ua if self.self_comparison else self._stack(1, self.layers_b)
@@ -433,9 +433,9 @@ class MinibatchCKA:
         Keys not in ``layers_a`` / ``layers_b`` are ignored; a missing layer raises ValueError.
         """
         if self.self_comparison and feats_b is not None:
-            raise ValueError("this accumulator compares model A with itself (layers_b=None); pass only feats_a")
+            raise VitlabError("this accumulator compares model A with itself (layers_b=None); pass only feats_a")
         if not self.self_comparison and feats_b is None:
-            raise ValueError("this accumulator compares two models; pass feats_b for model B")
+            raise VitlabError("this accumulator compares two models; pass feats_b for model B")
         for side, feats, layers in ((0, feats_a, self.layers_a), (1, feats_b, self.layers_b)):
             if feats is None:
                 continue
@@ -450,7 +450,7 @@ class MinibatchCKA:
         Entries are NaN for a layer whose activations were constant in every batch.
         """
         if self.num_batches == 0:
-            raise ValueError("no batches accumulated yet; call update() or add() + end_batch() first")
+            raise VitlabError("no batches accumulated yet; call update() or add() + end_batch() first")
         den = torch.sqrt(self.hsic_aa[:, None] * self.hsic_bb[None, :])
         return (self.hsic_ab / den).cpu()
 
@@ -503,7 +503,7 @@ class CKAResult:
         self.matrix = np.asarray(self.matrix, dtype=np.float64)
         expected = (len(self.layers_a), len(self.layers_b))
         if self.matrix.shape != expected:
-            raise ValueError(f"CKA matrix has shape {self.matrix.shape}, expected {expected} (layers_a x layers_b)")
+            raise VitlabError(f"CKA matrix has shape {self.matrix.shape}, expected {expected} (layers_a x layers_b)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict with keys model_a, model_b, layers_a, layers_b and matrix (nested lists;

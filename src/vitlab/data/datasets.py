@@ -88,6 +88,12 @@ class ShapesDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
+def dataset_stats(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Normalisation (mean, std) of the data set ``name``: CIFAR's own, 0.5 for the others."""
+    kind, _ = parse_name(name)
+    return _CIFAR_STATS.get(kind, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+
+
 def parse_name(name: str) -> tuple[str, str | None]:
     """Split ``imagefolder:PATH`` into ``("imagefolder", PATH)``; other names have no path."""
     kind, _, path = name.partition(":")
@@ -101,11 +107,12 @@ def parse_name(name: str) -> tuple[str, str | None]:
 
 
 def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = None,
-                  seed: int = 0, progress: bool = False) -> tuple[Dataset, DatasetInfo]:
+                  seed: int = 0, progress: bool = False, normalize: bool = True) -> tuple[Dataset, DatasetInfo]:
     """The ``split`` (``"train"`` or ``"val"``) of the data set ``cfg`` names, with its transform.
 
     ``train_transform`` picks the augmenting transform (default: for the train split). The
     shapes splits are rendered from seeds derived from ``seed`` so they never share an image.
+    ``normalize=False`` yields pixels in [0, 1] instead of normalised ones.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not '{split}'")
@@ -128,7 +135,7 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
         info.image_size = cfg.image_size
     augment = split == "train" if train_transform is None else train_transform
     transform = build_transform(info.image_size, info.mean, info.std, train=augment, augment=cfg.augment,
-                                randaugment=cfg.randaugment, native_size=native)
+                                randaugment=cfg.randaugment, native_size=native, normalize=normalize)
     _set_transform(dataset, transform)
     return dataset, info
 
@@ -169,7 +176,7 @@ def _cifar(kind: str, cfg: DataConfig, split: str) -> tuple[Dataset, DatasetInfo
         raise VitlabError(
             f"{kind} is not in {root}; pass --download to fetch it, or --data-root DIR where it is"
         ) from None
-    mean, std = _CIFAR_STATS[kind]
+    mean, std = dataset_stats(kind)
     return dataset, DatasetInfo(kind, list(dataset.classes), 32, mean, std)
 
 

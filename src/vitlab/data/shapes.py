@@ -50,6 +50,14 @@ class ShapesConfig:
     texture_mode: str = "random"
     #: Object diameter as a fraction of the image side, drawn uniformly from this range.
     scale: tuple[float, float] = (0.55, 0.95)
+    #: Objects are rotated by a uniform angle in [-rotation, rotation] degrees (180: any angle).
+    #: Mostly upright objects, as in photographs, keep the default task learnable in minutes.
+    rotation: float = 30.0
+    #: Brightness difference between object and background (0..1 scale), drawn from this range.
+    brightness_gap: tuple[float, float] = (0.3, 0.55)
+    #: Difference between the two colours of the object's and of the background's texture.
+    object_contrast: tuple[float, float] = (0.1, 0.25)
+    background_contrast: tuple[float, float] = (0.0, 0.1)
     #: Standard deviation of per-pixel Gaussian noise added to the finished image (0..1 scale).
     pixel_noise: float = 0.03
 
@@ -68,7 +76,7 @@ class ShapesConfig:
 
 
 # Bump when rendering changes, so stale cache files are never reused.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 
 @dataclass
@@ -180,14 +188,18 @@ def _render_textures(kinds: torch.Tensor, grid: torch.Tensor, g: torch.Generator
     return out
 
 
-def _random_palette(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _uniform(n: int, bounds: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=g)
+
+
+def _random_palette(n: int, cfg: ShapesConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Two colours per image for (object, background): the object stands out by brightness.
 
-    The background brightness is random; the object's differs from it by 0.3 to 0.55 (up or
-    down, whichever fits), so shape edges are always visible whatever the colours and textures.
+    The background brightness is random; the object's differs from it by ``cfg.brightness_gap``
+    (up or down, whichever fits), so shape edges are visible whatever the colours and textures.
     """
     bg_level = 0.15 + 0.7 * torch.rand(n, generator=g)
-    gap = 0.3 + 0.25 * torch.rand(n, generator=g)
+    gap = _uniform(n, cfg.brightness_gap, g)
     up = torch.rand(n, generator=g) < 0.5
     up = torch.where(bg_level + gap > 0.95, torch.zeros_like(up), torch.where(bg_level - gap < 0.05, torch.ones_like(up), up))
     obj_level = torch.where(up, bg_level + gap, bg_level - gap)
@@ -196,10 +208,10 @@ def _random_palette(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
         hue = torch.randn(n, 3, generator=g) * 0.15
         hue = hue - hue.mean(1, keepdim=True)  # chroma only: keeps the brightness at `level`
         base = level[:, None] + hue
-        c = contrast[0] + (contrast[1] - contrast[0]) * torch.rand(n, 1, generator=g)
+        c = _uniform(n, contrast, g)[:, None]
         return torch.stack([base - c / 2, base + c / 2], 1).clamp(0, 1)  # (n, 2 colours, 3)
 
-    return colours(obj_level, (0.15, 0.4)), colours(bg_level, (0.1, 0.3))
+    return colours(obj_level, cfg.object_contrast), colours(bg_level, cfg.background_contrast)
 
 
 def _pixel_grid(size: int) -> torch.Tensor:
@@ -217,7 +229,7 @@ def _render_chunk(
     lo, hi = cfg.scale
     radius = (lo + (hi - lo) * torch.rand(n, generator=g)) / 2
     centre = radius[:, None] + (1 - 2 * radius[:, None]) * torch.rand(n, 2, generator=g)
-    angle = torch.rand(n, generator=g) * 2 * math.pi
+    angle = (2 * torch.rand(n, generator=g) - 1) * math.radians(cfg.rotation)
     dx = (grid_fine[0] - centre[:, 0, None, None]) / radius[:, None, None]
     dy = (grid_fine[1] - centre[:, 1, None, None]) / radius[:, None, None]
     cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
@@ -229,7 +241,7 @@ def _render_chunk(
         if len(idx):
             inside[idx] = shape_fn(u[idx], v[idx])
 
-    obj_colours, bg_colours = _random_palette(n, g)
+    obj_colours, bg_colours = _random_palette(n, cfg, g)
     obj_pattern = _render_textures(textures, grid, g)[:, None]
     bg_pattern = _render_textures(bg_textures, grid, g)[:, None]
     obj = obj_colours[:, 0, :, None, None] * (1 - obj_pattern) + obj_colours[:, 1, :, None, None] * obj_pattern

@@ -25,11 +25,13 @@ def build_transform(
     augment: str = "crop-flip",
     randaugment: str | None = None,
     native_size: int | None = None,
+    normalize: bool = True,
 ) -> Callable:
     """The transform from a PIL image to a normalised float tensor (3, image_size, image_size).
 
     ``native_size`` is the side the images are stored at; when it differs from ``image_size``
     they are resized first (evaluation uses a resize then centre crop of the same size).
+    ``normalize=False`` leaves pixels in [0, 1] (analyses normalise per model).
     """
     if augment not in AUGMENTATIONS:
         raise VitlabError(f"unknown augmentation '{augment}'; choose one of {', '.join(AUGMENTATIONS)}")
@@ -46,5 +48,7 @@ def build_transform(
             steps.append(rand_augment_transform(randaugment, hparams))
         except (AssertionError, ValueError, KeyError) as e:
             raise VitlabError(f"bad RandAugment config '{randaugment}' ({e}); use timm's format, e.g. 'rand-m9-mstd0.5'") from None
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    steps.append(T.ToTensor())
+    if normalize:
+        steps.append(T.Normalize(mean, std))
     return T.Compose(steps)

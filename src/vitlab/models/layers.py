@@ -29,3 +29,21 @@ class ChannelPadShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, pad=({self.pad_before}, {self.pad_after})"
+
+
+def freeze_sincos_pos_embed_(model: nn.Module) -> None:
+    """Replace a timm ViT's learned position embedding by the fixed 2-D sin-cos one, frozen.
+
+    Fixed sin-cos embeddings (as in MAE and Beyer et al. 2022, "Better plain ViT baselines") give
+    a plain ViT its token layout from the first step instead of learning it, which matters most on
+    small data. Rows for prefix tokens (class token), if the embedding has them, are zero. The
+    parameter stays in the model (and in its parameter count), with ``requires_grad=False``.
+    """
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    grid = list(model.patch_embed.grid_size)
+    table = build_sincos2d_pos_embed(grid, model.pos_embed.shape[-1])
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, -table.shape[0]:] = table
+    model.pos_embed.requires_grad_(False)

@@ -1,6 +1,6 @@
 """MLP-Mixers for small images, built on timm's ``MlpMixer``.
 
-As for the small ViTs, 4-pixel patches give an 8x8 token grid on 32x32 images. The token-mixing
+As for the small ViTs, 4-pixel patches give an 8x8 token grid on 32x32 images (8-pixel ones 4x4). The token-mixing
 MLP (across the 64 patches) is half the width and the channel-mixing MLP four times the width,
 the ratios of Tolstikhin et al. (2021).
 """
@@ -47,6 +47,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs(
     {
         "mixer_nano_patch4_32": _cfg(),
+        "mixer_nano_patch8_32": _cfg(),
         "mixer_tiny_patch4_32": _cfg(),
         "mixer_small_patch4_32": _cfg(),
     }
@@ -58,9 +59,16 @@ _SMALL = dict(img_size=32, num_classes=10, patch_size=4, mlp_ratio=(0.5, 4.0))
 
 @register_model
 def mixer_nano_patch4_32(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    """Mixer-Nano/4 at 32x32: 6 blocks of width 128; vitlab's default Mixer in ``compare``."""
+    """Mixer-Nano/4 at 32x32: 6 blocks of width 128."""
     args = dict(_SMALL, num_blocks=6, embed_dim=128)
     return _create_small_mixer("mixer_nano_patch4_32", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def mixer_nano_patch8_32(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
+    """Mixer-Nano/8 at 32x32: 6 blocks of width 128 on 4x4 tokens; vitlab's default Mixer in ``compare``."""
+    args = dict(_SMALL, num_blocks=6, embed_dim=128, patch_size=8)
+    return _create_small_mixer("mixer_nano_patch8_32", pretrained, **dict(args, **kwargs))
 
 
 @register_model

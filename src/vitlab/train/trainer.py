@@ -175,7 +175,7 @@ def train(
             correct += (logits.argmax(1) == labels).sum().item()
             seen += n
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+                            lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
         train_time = time.perf_counter() - started
         elapsed += train_time
         val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=progress)
@@ -191,7 +191,7 @@ def train(
         rundir.save_weights(run_dir, model)
         rundir.write_metrics(run_dir, metrics)
         rundir.save_state(run_dir, {"epoch": epoch, "optimizer": optimizer.state_dict(),
-                                    "params": params, "torch_version": torch.__version__})
+                                    "params": params, "torch_version": str(torch.__version__)})
     return TrainResult(run_dir, model, cfg, info, metrics)
 
 

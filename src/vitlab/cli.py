@@ -1,0 +1,210 @@
+"""The ``vitlab`` command: ``compare | train | analyze | models``. A thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import VitlabError
+
+EPILOG = "Run `vitlab COMMAND --help` for the options of each command."
+
+
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = "shapes") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default, metavar="NAME",
+                   help="shapes (embedded, default), cifar10, cifar100 or imagefolder:PATH")
+    g.add_argument("--image-size", type=int, metavar="PX", help="train/analyse at this size (default: native)")
+    g.add_argument("--data-root", metavar="DIR", help="where CIFAR lives (default ~/.cache/vitlab/data)")
+    g.add_argument("--download", action="store_true", help="download CIFAR if missing (needs the network)")
+    g.add_argument("--num-train", type=int, metavar="N", help="shapes: training images (default 20000)")
+    g.add_argument("--num-val", type=int, metavar="N", help="shapes: validation images (default 2000)")
+    g.add_argument("--num-workers", type=int, metavar="N", help="data-loading worker processes (default 0)")
+    g.add_argument("--augment", choices=["crop-flip", "none"], help="augmentation preset")
+    g.add_argument("--randaugment", metavar="CFG", help="timm RandAugment config, e.g. rand-m9-mstd0.5")
+
+
+def _data_overrides(args: argparse.Namespace) -> dict:
+    return {"data.name": args.data, "data.image_size": args.image_size, "data.root": args.data_root,
+            "data.download": args.download or None, "data.num_train": args.num_train,
+            "data.num_val": args.num_val, "data.num_workers": args.num_workers,
+            "data.augment": args.augment, "data.randaugment": args.randaugment}
+
+
+def _data_config(args: argparse.Namespace, base=None):
+    """The data section: ``base`` (default: the training defaults) with the command-line options."""
+    from .train import TrainConfig
+
+    return TrainConfig(data=base or TrainConfig().data).merged(_data_overrides(args)).data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitlab", epilog=EPILOG,
+        description="Build, train and dissect vision transformers, CNNs and MLP-Mixers side by side.")
+    parser.add_argument("--version", action="version", version=f"vitlab {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("compare", help="train a ViT, a CNN and an MLP-Mixer and report how differently they see",
+                       description="Train a ViT, a CIFAR ResNet and an MLP-Mixer on the same data (the embedded "
+                                   "shapes data set by default), compare their representations (CKA) and "
+                                   "attention, and write report.html and results.json.")
+    p.add_argument("--models", metavar="A,B,...", help="models to compare (default: vit_nano_patch8_sincos_32,"
+                   "resnet20_cifar,mixer_nano_patch8_32 with their tuned schedules)")
+    p.add_argument("--epochs", type=int, help="epochs for every model (default: each model's tuned schedule)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-TIMESTAMP)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default 0)")
+    _add_analysis_args(p)
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("train", help="train one model and write a run directory",
+                       description="Train one model. Writes config.yaml, model.safetensors, metrics.csv and "
+                                   "state.pt (for --resume) into the run directory.")
+    p.add_argument("--model", metavar="NAME", help="model name (see `vitlab models`; default vit_nano_patch4_32)")
+    p.add_argument("--config", metavar="YAML", help="recipe file; command-line options override its values")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    _add_data_args(p, default=None)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("analyze", help="analyse run directories or models by name and write a report",
+                       description="Analyse trained runs (run directories) and/or registered models by name "
+                                   "(untrained, or timm-pretrained with --pretrained) on one data set.")
+    p.add_argument("subjects", nargs="+", metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for model names")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/analyze-TIMESTAMP)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_analysis_args(p)
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("models", help="list the registered models with their parameter counts")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit*' (default: all)")
+    p.add_argument("--all", action="store_true", help="include stock timm models")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def _add_analysis_args(p: argparse.ArgumentParser) -> None:
+    from .analysis.suite import ANALYSES
+
+    g = p.add_argument_group("analysis")
+    g.add_argument("--analyses", default=",".join(ANALYSES), metavar="A,B",
+                   help=f"analyses to run (default: {','.join(ANALYSES)})")
+    g.add_argument("--analysis-images", type=int, default=2048, metavar="N",
+                   help="validation images to analyse (default 2048)")
+    g.add_argument("--analysis-batch-size", type=int, default=256, metavar="N",
+                   help="images per analysis batch (default 256; CKA uses equal batches)")
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _command_line() -> str:
+    return "vitlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, default_data
+
+    result = compare(models=_split(args.models) or None, data=_data_config(args, default_data()), out=args.out,
+                     epochs=args.epochs, seed=args.seed, analyses=_split(args.analyses),
+                     analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
+                     command=_command_line())
+    _print_summary(result)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .compare import analyze
+
+    result = analyze(args.subjects, data=_data_config(args), out=args.out, pretrained=args.pretrained,
+                     analyses=_split(args.analyses), analysis_images=args.analysis_images,
+                     analysis_batch_size=args.analysis_batch_size, seed=args.seed, command=_command_line())
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result) -> None:
+    for s in result.subjects:
+        acc = f"val acc {100 * s.val_acc:.1f}%" if s.val_acc is not None else s.source
+        print(f"  {s.name:<28} {s.params:>12,} params  {acc}")
+    if "total" in result.timings:
+        print(f"  total time {result.timings['total']:.0f} s")
+    print(f"report: {result.report}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, load_config, train
+    from .train.rundir import read_config
+
+    if args.resume:
+        if not args.out:
+            raise VitlabError("--resume needs the run directory: vitlab train --resume --out RUN_DIR")
+        cfg = read_config(args.out)
+    else:
+        cfg = load_config(args.config) if args.config else TrainConfig()
+        overrides = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                     "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+                     "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
+                     **_data_overrides(args)}
+        cfg = cfg.merged(overrides)
+    result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"{cfg.model}: val acc {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
+          f"({result.train_time_s:.0f} s of training)")
+    print(f"run: {result.run_dir}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import count_parameters, list_models
+
+    names = list_models(args.pattern, include_timm=args.all)
+    if not names:
+        raise VitlabError(f"no model matches '{args.pattern}'; run `vitlab models` to list them all")
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {count_parameters(name):>13,}")
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitlab`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except VitlabError as e:
+        print(f"vitlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitlab: interrupted; finished epochs are saved (resume with vitlab train --resume --out RUN_DIR)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

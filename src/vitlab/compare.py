@@ -1,0 +1,172 @@
+"""``compare`` and ``analyze``: the toolkit's main jobs as Python functions (the CLI wraps them).
+
+:func:`compare` trains a ViT, a CNN and an MLP-Mixer on the same data, analyses them side by side
+and writes ``report.html`` and ``results.json``. :func:`analyze` does the analysis and report for
+existing run directories or registered model names.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .analysis.subjects import Subject, load_subject, subject_from_run
+from .analysis.suite import ANALYSES, AnalysisResults, check_analyses, run_analyses
+from .data import DataConfig, build_dataset
+from .errors import VitlabError
+from .report.html import ReportMeta, write_report
+from .train import TrainConfig, train
+
+
+@dataclass
+class CompareRecipe:
+    """One model of the default comparison and the schedule that makes it learn within the budget."""
+
+    model: str
+    epochs: int
+    lr: float
+    warmup_epochs: float
+    batch_size: int = 32
+    weight_decay: float = 0.05
+
+
+#: The default comparison: one of each family, each with the schedule that makes it learn
+#: ``shapes`` within about a minute and a half on two CPU cores. Small batches give many steps
+#: per image; the ViT sees 40k images, the Mixer 30k, the (slower) ResNet 20k.
+DEFAULT_RECIPES = (
+    CompareRecipe("vit_nano_patch8_sincos_32", epochs=4, lr=1e-3, warmup_epochs=0.4),
+    CompareRecipe("resnet20_cifar", epochs=2, lr=2e-3, warmup_epochs=0.2),
+    CompareRecipe("mixer_nano_patch8_32", epochs=3, lr=1e-3, warmup_epochs=0.3),
+)
+
+
+def default_data() -> DataConfig:
+    """The comparison's data: 10,000 rendered training images, no augmentation, and 2,048
+    validation images (eight analysis batches of 256).
+
+    Fresh procedural images are plentiful, and augmentation slows the first epochs that a
+    minutes-long budget consists of, so the comparison trains on plain images.
+    """
+    return DataConfig(name="shapes", num_train=10_000, num_val=2_048, augment="none")
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    report: Path
+    subjects: list[Subject]
+    analysis: AnalysisResults
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def analysis_loader(data: DataConfig, num_images: int, batch_size: int, seed: int = 0,
+                    progress: bool = False) -> DataLoader:
+    """Validation images in [0, 1] (no augmentation, no normalisation), in equal batches."""
+    dataset, _ = build_dataset(data, "val", train_transform=False, seed=seed, progress=progress, normalize=False)
+    if len(dataset) < batch_size:
+        raise VitlabError(f"the validation split has {len(dataset)} images, fewer than one analysis batch of "
+                          f"{batch_size}; lower --analysis-batch-size")
+    if num_images < len(dataset):
+        dataset = Subset(dataset, range(num_images))
+    # Minibatch CKA needs equal batch sizes: the last incomplete batch is dropped.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+def compare(
+    models: Sequence[str] | None = None,
+    data: DataConfig | None = None,
+    out: str | Path | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    analyses: Sequence[str] = ANALYSES,
+    analysis_images: int = 2048,
+    analysis_batch_size: int = 256,
+    progress: bool = True,
+    command: str = "",
+) -> CompareResult:
+    """Train each model on ``data``, analyse them together and write the report.
+
+    ``models`` defaults to :data:`DEFAULT_RECIPES` (ViT, ResNet, Mixer, with their tuned
+    schedules); other model names train with the first recipe's schedule. ``epochs`` overrides
+    every model's epochs; ``data`` defaults to :func:`default_data`.
+    """
+    started = time.perf_counter()
+    check_analyses(analyses)
+    data = data or default_data()
+    out_dir = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise VitlabError(f"output directory '{out_dir}' already exists; choose another with --out")
+    recipes = _recipes_for(models)
+
+    subjects, timings = [], {}
+    for step, recipe in enumerate(recipes, 1):
+        _say(progress, f"[{step}/{len(recipes) + 1}] training {recipe.model} on {data.name}")
+        cfg = TrainConfig(model=recipe.model, data=data, epochs=epochs or recipe.epochs, lr=recipe.lr,
+                          warmup_epochs=recipe.warmup_epochs, batch_size=recipe.batch_size,
+                          weight_decay=recipe.weight_decay, seed=seed)
+        t0 = time.perf_counter()
+        result = train(cfg, out_dir / recipe.model, progress=progress)
+        timings[f"train {recipe.model}"] = round(time.perf_counter() - t0, 1)
+        subjects.append(subject_from_run(result.run_dir, name=recipe.model))
+
+    t0 = time.perf_counter()
+    _say(progress, f"[{len(recipes) + 1}/{len(recipes) + 1}] analysing ({', '.join(analyses)})")
+    loader = analysis_loader(data, analysis_images, analysis_batch_size, seed=seed)
+    analysis = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader))
+    timings["analyses"] = round(time.perf_counter() - t0, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    meta = ReportMeta(title="vitlab compare: how differently do a ViT, a CNN and an MLP-Mixer see?",
+                      data=data.name, command=command, timings=timings)
+    report = write_report(out_dir, subjects, analysis, meta)
+    return CompareResult(out_dir, report, subjects, analysis, timings)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        tqdm.write(message)
+
+
+def _recipes_for(models: Sequence[str] | None) -> list[CompareRecipe]:
+    if not models:
+        return list(DEFAULT_RECIPES)
+    known = {r.model: r for r in DEFAULT_RECIPES}
+    base = DEFAULT_RECIPES[0]
+    return [known.get(m, CompareRecipe(m, base.epochs, base.lr, base.warmup_epochs, base.batch_size))
+            for m in models]
+
+
+def analyze(
+    specs: Sequence[str],
+    data: DataConfig | None = None,
+    out: str | Path | None = None,
+    pretrained: bool = False,
+    analyses: Sequence[str] = ANALYSES,
+    analysis_images: int = 2048,
+    analysis_batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    command: str = "",
+) -> CompareResult:
+    """Analyse run directories or model names (``specs``) on ``data`` and write the report."""
+    started = time.perf_counter()
+    if not specs:
+        raise VitlabError("name at least one run directory or model to analyse")
+    check_analyses(analyses)
+    data = data or DataConfig()
+    out_dir = Path(out) if out else Path("runs") / f"analyze-{datetime.now():%Y%m%d-%H%M%S}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise VitlabError(f"output directory '{out_dir}' already exists; choose another with --out")
+    subjects = [load_subject(spec, pretrained=pretrained) for spec in specs]
+    loader = analysis_loader(data, analysis_images, analysis_batch_size, seed=seed, progress=progress)
+    analysis = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader))
+    timings = {"total": round(time.perf_counter() - started, 1)}
+    meta = ReportMeta(title="vitlab analyze: " + ", ".join(s.name for s in subjects), data=data.name,
+                      command=command, timings=timings)
+    report = write_report(out_dir, subjects, analysis, meta)
+    return CompareResult(out_dir, report, subjects, analysis, timings)

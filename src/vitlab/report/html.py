@@ -1,0 +1,200 @@
+"""The compare report: one self-contained HTML file plus ``results.json``.
+
+The report arranges result objects; it computes nothing. Each figure comes with one sentence on
+what it shows and how to read it, and ``results.json`` holds every number that is plotted.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..analysis.curves import TrainingCurves
+from ..analysis.results import to_jsonable
+from ..analysis.subjects import Subject
+from ..analysis.suite import AnalysisResults
+from ..train.rundir import atomic_write_bytes
+from .figures import data_uri, figure_png
+
+CAPTIONS = {
+    "curves": (
+        "Left: validation accuracy (solid) and training accuracy (dashed) after each epoch; right: "
+        "training loss. A model near 1/classes learned nothing; a widening gap between the lines is "
+        "over-fitting."
+    ),
+    "cka_self": (
+        "Linear CKA between every pair of layers of one model (minibatch CKA with unbiased HSIC over "
+        "{n} validation images); bright cells mean two layers hold similar representations. Raghu et "
+        "al. found ViTs similar across all depths and ResNets split into blocks by stage."
+    ),
+    "cka_cross": (
+        "Linear CKA between the layers of two different models (rows: first model, columns: second). "
+        "A bright diagonal band means both compute similar representations in the same order; "
+        "brightness off the diagonal shows a layer matching a different depth of the other model."
+    ),
+    "attention_distance": (
+        "Each dot is one attention head: the mean distance in pixels between a query patch and the "
+        "patches it attends to, weighted by attention (class token excluded), over {n} images. Low "
+        "values are local, convolution-like heads; values near the dashed line are global. Raghu et "
+        "al. found that early layers mix local and global heads only when trained on enough data; "
+        "with little data, all heads attend globally."
+    ),
+}
+
+
+@dataclass
+class ReportMeta:
+    """What the run was: shown at the top of the report and stored in ``results.json``."""
+
+    title: str
+    data: str
+    command: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
+
+
+def model_rows(subjects: Sequence[Subject]) -> list[dict[str, Any]]:
+    """One summary row per model: what the table shows and ``results.json`` stores."""
+    rows = []
+    for s in subjects:
+        last = s.metrics[-1] if s.metrics else {}
+        rows.append({
+            "name": s.name,
+            "model": s.model_name or s.name,
+            "family": s.anatomy.family,
+            "source": s.source,
+            "params": s.params,
+            "val_acc": last.get("val_acc"),
+            "epochs": int(last["epoch"]) if last else None,
+            "train_time_s": last.get("time_s"),
+            "train_images_per_s": last.get("images_per_s"),
+        })
+    return rows
+
+
+def build_results(subjects: Sequence[Subject], analysis: AnalysisResults, meta: ReportMeta) -> dict[str, Any]:
+    """The content of ``results.json``: every number the report plots or tabulates."""
+    return to_jsonable({
+        "meta": {
+            "title": meta.title,
+            "created": meta.created,
+            "data": meta.data,
+            "command": meta.command,
+            "analysis_images": analysis.num_images,
+            "timings_s": meta.timings,
+            "python": platform.python_version(),
+        },
+        "models": model_rows(subjects),
+        "training_curves": TrainingCurves({s.name: s.metrics for s in subjects if s.metrics}).to_dict(),
+        "cka": {key: result.to_dict() for key, result in analysis.cka.items()},
+        "attention_distance": {key: result.to_dict() for key, result in analysis.attention_distance.items()},
+        "notes": analysis.notes,
+    })
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "&ndash;"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "s":
+        return f"{value:.0f} s"
+    return html.escape(str(value))
+
+
+def _figure(png: bytes, caption: str, alt: str) -> str:
+    return (f'<figure><img src="{data_uri(png)}" alt="{html.escape(alt)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def render_html(subjects: Sequence[Subject], analysis: AnalysisResults, meta: ReportMeta) -> str:
+    """The report as one HTML page with every figure embedded."""
+    parts = [f"<h1>{html.escape(meta.title)}</h1>",
+             f"<p class=meta>Data: <b>{html.escape(meta.data)}</b> &middot; {analysis.num_images:,} images analysed "
+             f"&middot; created {html.escape(meta.created)}"
+             + (f" &middot; total time {meta.timings['total']:.0f} s" if "total" in meta.timings else "") + "</p>"]
+
+    # --- models table ---------------------------------------------------------------------------
+    head = ("<tr><th>model</th><th>family</th><th>source</th><th>parameters</th><th>val. accuracy</th>"
+            "<th>epochs</th><th>training time</th><th>train images/s</th></tr>")
+    body = "".join(
+        f"<tr><td>{_fmt(r['name'], '')}</td><td>{_fmt(r['family'], '')}</td><td>{_fmt(r['source'], '')}</td>"
+        f"<td class=num>{_fmt(r['params'], 'int')}</td><td class=num>{_fmt(r['val_acc'], 'pct')}</td>"
+        f"<td class=num>{_fmt(r['epochs'], '')}</td><td class=num>{_fmt(r['train_time_s'], 's')}</td>"
+        f"<td class=num>{_fmt(r['train_images_per_s'], '')}</td></tr>"
+        for r in model_rows(subjects))
+    parts.append(f"<h2>Models</h2><table>{head}{body}</table>")
+
+    # --- training curves ------------------------------------------------------------------------
+    curves = TrainingCurves({s.name: s.metrics for s in subjects if s.metrics})
+    if curves.runs:
+        png = figure_png(lambda axes: (curves.plot(axes[0], "val_acc"), curves.plot(axes[1], "train_loss")),
+                         ncols=2, width=5.5, height=3.8)
+        parts.append("<h2>Training</h2>" + _figure(png, CAPTIONS["curves"], "training curves"))
+
+    # --- CKA ------------------------------------------------------------------------------------
+    n = analysis.num_images
+    selfs = [r for r in analysis.cka.values() if r.model_a == r.model_b]
+    crosses = [r for r in analysis.cka.values() if r.model_a != r.model_b]
+    if selfs:
+        png = figure_png(lambda axes: [r.plot(ax) or ax.set_title(r.model_a) for r, ax in zip(selfs, axes)],
+                         ncols=len(selfs), width=4.6, height=4.0)
+        parts.append("<h2>Representation similarity within each model</h2>"
+                     + _figure(png, CAPTIONS["cka_self"].format(n=n), "CKA within models"))
+    if crosses:
+        png = figure_png(lambda axes: [r.plot(ax) or ax.set_title(f"{r.model_a} vs {r.model_b}")
+                                       for r, ax in zip(crosses, axes)],
+                         ncols=len(crosses), width=4.6, height=4.0)
+        parts.append("<h2>Representation similarity across models</h2>"
+                     + _figure(png, CAPTIONS["cka_cross"], "CKA across models"))
+
+    # --- attention distance ---------------------------------------------------------------------
+    for name, result in analysis.attention_distance.items():
+        png = figure_png(lambda axes, r=result: r.plot(axes[0]), width=6.0, height=4.0)
+        parts.append(f"<h2>Attention distance: {html.escape(name)}</h2>"
+                     + _figure(png, CAPTIONS["attention_distance"].format(n=n), f"attention distance of {name}"))
+
+    if analysis.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in analysis.notes) + "</ul>")
+    if meta.command:
+        parts.append(f"<h2>Reproduce</h2><pre>{html.escape(meta.command)}</pre>"
+                     "<p>Every number above is in <code>results.json</code> next to this file.</p>")
+    return _PAGE.format(title=html.escape(meta.title), body="\n".join(parts))
+
+
+def write_report(out_dir: str | Path, subjects: Sequence[Subject], analysis: AnalysisResults,
+                 meta: ReportMeta) -> Path:
+    """Write ``report.html`` and ``results.json`` into ``out_dir``; returns the report's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = build_results(subjects, analysis, meta)
+    atomic_write_bytes(out_dir / "results.json", json.dumps(results, indent=1, allow_nan=False).encode())
+    report = out_dir / "report.html"
+    atomic_write_bytes(report, render_html(subjects, analysis, meta).encode())
+    return report
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1400px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }}
+h1 {{ font-size: 1.6em; margin-bottom: .2em; }} h2 {{ font-size: 1.2em; margin-top: 1.8em;
+       border-bottom: 1px solid #ddd; padding-bottom: .2em; }}
+.meta {{ color: #555; }} table {{ border-collapse: collapse; }}
+th, td {{ padding: .3em .8em; border-bottom: 1px solid #e4e4e4; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
+figcaption {{ color: #444; max-width: 60em; font-size: .95em; margin-top: .3em; }}
+pre {{ background: #f5f5f5; padding: .6em; overflow-x: auto; }}
+</style></head><body>
+{body}
+</body></html>
+"""

@@ -1,0 +1,83 @@
+"""The command line as a user meets it: help, listing, training, errors as one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vitlab.cli import main
+
+FAST_DATA = ["--num-train", "64", "--num-val", "64"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", ["compare", "train", "analyze", "models"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: vitlab " + command in capsys.readouterr().out
+
+
+def test_models_lists_counts(capsys):
+    code, out, _ = run(["models", "resnet*"], capsys)
+    assert code == 0
+    assert "resnet20_cifar" in out and "269,722" in out and "11,173,962" in out
+
+
+def test_unknown_model_is_one_line_with_suggestions(tmp_path, capsys):
+    code, _, err = run(["train", "--model", "resnet21_cifar", "--out", str(tmp_path / "r")] + FAST_DATA, capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert "unknown model 'resnet21_cifar'" in err and "resnet20_cifar" in err
+
+
+def test_unknown_data_is_one_line(tmp_path, capsys):
+    code, _, err = run(["train", "--data", "shape", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "did you mean shapes" in err
+
+
+def test_train_then_refuse_existing_then_analyze(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = ["train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--out", str(out_dir)]
+    code, out, _ = run(args + FAST_DATA, capsys)
+    assert code == 0 and "val acc" in out and (out_dir / "model.safetensors").exists()
+
+    code, _, err = run(args + FAST_DATA, capsys)
+    assert code == 2 and "already exists" in err and err.count("\n") == 1
+
+    report_dir = tmp_path / "analysis"
+    code, out, _ = run(["analyze", str(out_dir), "vit_nano_patch4_32", "--out", str(report_dir),
+                        "--analysis-images", "64", "--analysis-batch-size", "32"] + FAST_DATA, capsys)
+    assert code == 0 and f"report: {report_dir / 'report.html'}" in out
+    results = json.loads((report_dir / "results.json").read_text())
+    assert set(results["cka"]) == {"run vs run", "run vs vit_nano_patch4_32",
+                                   "vit_nano_patch4_32 vs vit_nano_patch4_32"}
+
+
+def test_compare_end_to_end_small(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    code, out, _ = run(["compare", "--models", "vit_nano_patch4_32,resnet20_cifar,mixer_nano_patch4_32",
+                        "--epochs", "1", "--out", str(out_dir), "--analysis-images", "64",
+                        "--analysis-batch-size", "32"] + FAST_DATA, capsys)
+    assert code == 0 and "report:" in out
+    results = json.loads((out_dir / "results.json").read_text())
+    assert len(results["cka"]) == 6  # 3 models with themselves + 3 pairs
+    assert [m["name"] for m in results["models"]] == ["vit_nano_patch4_32", "resnet20_cifar",
+                                                      "mixer_nano_patch4_32"]
+    assert list(results["attention_distance"]) == ["vit_nano_patch4_32"]
+    html = (out_dir / "report.html").read_text()
+    assert html.count("<figure>") == 4  # curves, CKA within, CKA across, attention distance
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "vitlab", "models", "no_such_model*"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "vitlab: error: no model matches 'no_such_model*'; run `vitlab models` to list them all"

@@ -1,0 +1,103 @@
+"""Training: the run directory, determinism, exact resume, and clear errors."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitlab import VitlabError
+from vitlab.train import DataConfig, TrainConfig, load_config, train
+from vitlab.train.config import dump_config
+from vitlab.train.rundir import load_weights
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    # Stochastic depth makes the run depend on the RNG, so determinism and resume are really tested.
+    values = dict(model="vit_nano_patch4_32", epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.5,
+                  drop_path=0.1, model_args={"depth": 2},
+                  data=DataConfig(num_train=96, num_val=32))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_run_directory_contents(tmp_path):
+    result = train(tiny_config(epochs=2), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "model.safetensors", "metrics.csv", "state.pt"}
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s"} <= set(rows[0])
+    saved = load_config(run / "config.yaml")
+    # the saved config is resolved: it rebuilds the model without looking at the data
+    assert saved.model_args["num_classes"] == 10 and saved.model_args["img_size"] == 32
+    assert saved.data.num_train == 96
+    assert len(result.metrics) == 2 and 0 <= result.val_acc <= 1
+
+
+def test_training_is_deterministic(tmp_path):
+    train(tiny_config(), tmp_path / "a", progress=False)
+    train(tiny_config(), tmp_path / "b", progress=False)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train(tiny_config(seed=1), tmp_path / "c", progress=False)
+    wc = weights(tmp_path / "c")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    train(tiny_config(), tmp_path / "full", progress=False)
+    train(tiny_config(), tmp_path / "cut", progress=False, stop_after_epoch=0)  # "killed" after epoch 1
+    assert len(list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))) == 1
+    resumed = train(tiny_config(), tmp_path / "cut", resume=True, progress=False)
+    assert [int(r["epoch"]) for r in resumed.metrics] == [1, 2, 3]
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_existing_run_directory_is_refused(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    with pytest.raises(VitlabError, match="already exists; pass --resume .* --overwrite"):
+        train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    train(tiny_config(epochs=1), tmp_path / "run", overwrite=True, progress=False)
+
+
+def test_resume_of_missing_run_is_refused(tmp_path):
+    with pytest.raises(VitlabError, match="cannot resume"):
+        train(tiny_config(), tmp_path / "nothing", resume=True, progress=False)
+
+
+def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
+    result = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(VitlabError, match=r"checkpoint .* is corrupt"):
+        load_weights(tmp_path / "run", result.model)
+    (tmp_path / "run" / "state.pt").write_bytes(b"not a zip")
+    with pytest.raises(VitlabError, match=r"training state .* is corrupt"):
+        train(tiny_config(), tmp_path / "run", resume=True, progress=False)
+
+
+def test_config_typo_lists_valid_keys(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: resnet20_cifar\nlearning_rate: 0.1\n")
+    with pytest.raises(VitlabError, match=r"unknown key 'learning_rate'.*valid keys: model, model_args"):
+        load_config(path)
+    path.write_text("data:\n  nme: shapes\n")
+    with pytest.raises(VitlabError, match=r"unknown key 'nme' in .*data section.*did you mean name"):
+        load_config(path)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = tiny_config(lr=3e-4)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_batch_larger_than_data_is_refused(tmp_path):
+    with pytest.raises(VitlabError, match="fewer than one batch"):
+        train(tiny_config(batch_size=512), tmp_path / "run", progress=False)
