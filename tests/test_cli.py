@@ -81,3 +81,32 @@ def test_console_script_runs():
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vitlab: error: no model matches 'no_such_model*'; run `vitlab models` to list them all"
+
+
+def test_image_size_the_patch_does_not_divide(tmp_path, capsys):
+    code, _, err = run(["train", "--model", "vit_nano_patch8_32", "--image-size", "36", "--batch-size", "32", "--out",
+                        str(tmp_path / "r")] + FAST_DATA, capsys)
+    assert code == 2 and "not divisible by the patch size 8" in err and err.strip().count("\n") == 0
+
+
+def test_compare_resume_keeps_finished_runs(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    args = ["compare", "--models", "resnet20_cifar,vit_nano_patch8_32", "--epochs", "1", "--out", str(out_dir),
+            "--analysis-images", "64", "--analysis-batch-size", "32", "--analyses", "cka"] + FAST_DATA
+    assert run(args, capsys)[0] == 0
+    weights = (out_dir / "resnet20_cifar" / "model.safetensors").read_bytes()
+    code, _, err = run(args, capsys)
+    assert code == 2 and "already exists; pass --resume" in err
+    (out_dir / "report.html").unlink()
+    assert run(args + ["--resume"], capsys)[0] == 0
+    assert (out_dir / "report.html").exists()
+    assert (out_dir / "resnet20_cifar" / "model.safetensors").read_bytes() == weights  # not retrained
+
+
+def test_compare_checks_every_model_name_first(tmp_path, capsys):
+    code, _, err = run(["compare", "--models", "resnet20_cifar,mixer_nano_patch8_31", "--out",
+                        str(tmp_path / "c")] + FAST_DATA, capsys)
+    assert code == 2 and "mixer_nano_patch8_32" in err
+    assert not (tmp_path / "c").exists()  # nothing was trained
+    code, _, err = run(["compare", "--models", "resnet20_cifar,resnet20_cifar", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "listed twice" in err

@@ -97,3 +97,29 @@ def test_unknown_model_option_is_one_clear_line():
 def test_public_api():
     assert vitlab.create_model is create_model
     assert isinstance(vitlab.__version__, str)
+
+
+def test_sincos_position_embedding_is_fixed_and_two_dimensional():
+    model = create_model("vit_nano_patch8_sincos_32")
+    assert not model.pos_embed.requires_grad and model.pos_embed.shape == (1, 16, 128)
+    assert model.no_embed_class  # the class token gets no position
+    table = model.pos_embed[0]
+    # 2-D: tokens in one grid row share the half of the embedding that encodes the row, tokens in
+    # one column share the other half (grid is 4x4, row-major)
+    same_row = (table[0] == table[3]).sum().item()
+    same_col = (table[0] == table[12]).sum().item()
+    assert same_row == same_col == 64
+    assert ((table[0] == table[3]) & (table[0] == table[12])).sum().item() < 64
+    # the option works on every small ViT and leaves the parameter count unchanged
+    learned = create_model("vit_nano_patch4_32", pos_embed="sincos")
+    assert not learned.pos_embed.requires_grad
+    assert count_parameters("vit_nano_patch8_sincos_32") == count_parameters("vit_nano_patch8_32") - 128
+
+
+def test_default_comparison_models_exist():
+    from vitlab.compare import DEFAULT_RECIPES
+
+    families = {name.split("_")[0] for name in (r.model for r in DEFAULT_RECIPES)}
+    assert families == {"vit", "resnet20", "mixer"}
+    for recipe in DEFAULT_RECIPES:
+        assert recipe.model in list_models()

@@ -59,6 +59,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
+def test_resume_after_a_kill_between_file_writes(tmp_path):
+    """Weights of an uncommitted epoch on disk (killed before state.pt was written) do not leak in."""
+    train(tiny_config(), tmp_path / "full", progress=False)
+    cut = train(tiny_config(), tmp_path / "cut", progress=False, stop_after_epoch=0)
+    # what a kill right after writing the next epoch's weights leaves behind
+    from vitlab.train.rundir import save_weights
+
+    with torch.no_grad():
+        for p in cut.model.parameters():
+            p.add_(1.0)
+    save_weights(tmp_path / "cut", cut.model)
+    train(tiny_config(), tmp_path / "cut", resume=True, progress=False)
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_existing_run_directory_is_refused(tmp_path):
     train(tiny_config(epochs=1), tmp_path / "run", progress=False)
     with pytest.raises(VitlabError, match="already exists; pass --resume .* --overwrite"):

@@ -13,18 +13,20 @@ from .errors import VitlabError
 EPILOG = "Run `vitlab COMMAND --help` for the options of each command."
 
 
-def _add_data_args(p: argparse.ArgumentParser, default: str | None = "shapes") -> None:
+def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shapes") -> None:
+    """Data options; ``base`` (a DataConfig) supplies the defaults the help text shows."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default, metavar="NAME",
                    help="shapes (embedded, default), cifar10, cifar100 or imagefolder:PATH")
     g.add_argument("--image-size", type=int, metavar="PX", help="train/analyse at this size (default: native)")
     g.add_argument("--data-root", metavar="DIR", help="where CIFAR lives (default ~/.cache/vitlab/data)")
     g.add_argument("--download", action="store_true", help="download CIFAR if missing (needs the network)")
-    g.add_argument("--num-train", type=int, metavar="N", help="shapes: training images (default 20000)")
-    g.add_argument("--num-val", type=int, metavar="N", help="shapes: validation images (default 2000)")
-    g.add_argument("--num-workers", type=int, metavar="N", help="data-loading worker processes (default 0)")
-    g.add_argument("--augment", choices=["crop-flip", "none"], help="augmentation preset")
-    g.add_argument("--randaugment", metavar="CFG", help="timm RandAugment config, e.g. rand-m9-mstd0.5")
+    g.add_argument("--num-train", type=int, metavar="N", help=f"shapes: training images (default {base.num_train})")
+    g.add_argument("--num-val", type=int, metavar="N", help=f"shapes: validation images (default {base.num_val})")
+    g.add_argument("--num-workers", type=int, metavar="N",
+                   help=f"data-loading worker processes (default {base.num_workers})")
+    g.add_argument("--augment", choices=["crop-flip", "none"], help=f"augmentation preset (default {base.augment})")
+    g.add_argument("--randaugment", metavar="CFG", help="timm RandAugment config, e.g. rand-m9-mstd0.5 (default off)")
 
 
 def _data_overrides(args: argparse.Namespace) -> dict:
@@ -42,6 +44,9 @@ def _data_config(args: argparse.Namespace, base=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import default_data
+    from .data import DataConfig
+
     parser = argparse.ArgumentParser(
         prog="vitlab", epilog=EPILOG,
         description="Build, train and dissect vision transformers, CNNs and MLP-Mixers side by side.")
@@ -57,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs for every model (default: each model's tuned schedule)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
     _add_analysis_args(p)
-    _add_data_args(p)
+    _add_data_args(p, default_data())
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="train one model and write a run directory",
@@ -77,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    _add_data_args(p, default=None)
+    _add_data_args(p, DataConfig(), default=None)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("analyze", help="analyse run directories or models by name and write a report",
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/analyze-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0)
     _add_analysis_args(p)
-    _add_data_args(p)
+    _add_data_args(p, default_data())
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("models", help="list the registered models with their parameter counts")
@@ -124,17 +130,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     result = compare(models=_split(args.models) or None, data=_data_config(args, default_data()), out=args.out,
                      epochs=args.epochs, seed=args.seed, analyses=_split(args.analyses),
                      analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
-                     command=_command_line())
+                     command=_command_line(), resume=args.resume)
     _print_summary(result)
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .compare import analyze
+    from .compare import analyze, default_data
 
-    result = analyze(args.subjects, data=_data_config(args), out=args.out, pretrained=args.pretrained,
-                     analyses=_split(args.analyses), analysis_images=args.analysis_images,
-                     analysis_batch_size=args.analysis_batch_size, seed=args.seed, command=_command_line())
+    result = analyze(args.subjects, data=_data_config(args, default_data()), out=args.out,
+                     pretrained=args.pretrained, analyses=_split(args.analyses),
+                     analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
+                     seed=args.seed, command=_command_line())
     _print_summary(result)
     return 0
 
@@ -201,8 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vitlab: interrupted; finished epochs are saved (resume with vitlab train --resume --out RUN_DIR)",
-              file=sys.stderr)
+        hint = {"train": "; finished epochs are saved: resume with vitlab train --resume --out RUN_DIR",
+                "compare": "; finished epochs are saved: resume with vitlab compare --resume --out DIR"}
+        print(f"vitlab: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -20,6 +20,7 @@ from .analysis.subjects import Subject, load_subject, subject_from_run
 from .analysis.suite import ANALYSES, AnalysisResults, check_analyses, run_analyses
 from .data import DataConfig, build_dataset
 from .errors import VitlabError
+from .models import check_model_name
 from .report.html import ReportMeta, write_report
 from .train import TrainConfig, train
 
@@ -89,20 +90,25 @@ def compare(
     analysis_batch_size: int = 256,
     progress: bool = True,
     command: str = "",
+    resume: bool = False,
 ) -> CompareResult:
     """Train each model on ``data``, analyse them together and write the report.
 
     ``models`` defaults to :data:`DEFAULT_RECIPES` (ViT, ResNet, Mixer, with their tuned
     schedules); other model names train with the first recipe's schedule. ``epochs`` overrides
-    every model's epochs; ``data`` defaults to :func:`default_data`.
+    every model's epochs; ``data`` defaults to :func:`default_data`. ``resume`` continues an
+    interrupted comparison in ``out``: finished runs are kept, an unfinished one resumes.
     """
     started = time.perf_counter()
     check_analyses(analyses)
     data = data or default_data()
+    recipes = _recipes_for(models)  # every name is checked before any training starts
     out_dir = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise VitlabError(f"output directory '{out_dir}' already exists; choose another with --out")
-    recipes = _recipes_for(models)
+    if resume and not out_dir.is_dir():
+        raise VitlabError(f"cannot resume '{out_dir}': it does not exist; drop --resume to start a comparison")
+    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise VitlabError(f"output directory '{out_dir}' already exists; pass --resume to continue it "
+                          "or choose another with --out")
 
     subjects, timings = [], {}
     for step, recipe in enumerate(recipes, 1):
@@ -111,7 +117,8 @@ def compare(
                           warmup_epochs=recipe.warmup_epochs, batch_size=recipe.batch_size,
                           weight_decay=recipe.weight_decay, seed=seed)
         t0 = time.perf_counter()
-        result = train(cfg, out_dir / recipe.model, progress=progress)
+        run_dir = out_dir / recipe.model
+        result = train(cfg, run_dir, resume=resume and (run_dir / "config.yaml").exists(), progress=progress)
         timings[f"train {recipe.model}"] = round(time.perf_counter() - t0, 1)
         subjects.append(subject_from_run(result.run_dir, name=recipe.model))
 
@@ -135,6 +142,11 @@ def _say(progress: bool, message: str) -> None:
 def _recipes_for(models: Sequence[str] | None) -> list[CompareRecipe]:
     if not models:
         return list(DEFAULT_RECIPES)
+    for name in models:
+        check_model_name(name)
+    repeated = sorted({m for m in models if list(models).count(m) > 1})
+    if repeated:
+        raise VitlabError(f"model {repeated[0]} is listed twice; each model can be compared once")
     known = {r.model: r for r in DEFAULT_RECIPES}
     base = DEFAULT_RECIPES[0]
     return [known.get(m, CompareRecipe(m, base.epochs, base.lr, base.warmup_epochs, base.batch_size))
@@ -158,7 +170,7 @@ def analyze(
     if not specs:
         raise VitlabError("name at least one run directory or model to analyse")
     check_analyses(analyses)
-    data = data or DataConfig()
+    data = data or default_data()
     out_dir = Path(out) if out else Path("runs") / f"analyze-{datetime.now():%Y%m%d-%H%M%S}"
     if out_dir.exists() and any(out_dir.iterdir()):
         raise VitlabError(f"output directory '{out_dir}' already exists; choose another with --out")

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import VitlabError
+
 SHAPE_CLASSES = (
     "circle", "triangle", "square", "star", "cross", "ring", "crescent", "heart", "arrow", "hourglass",
 )
@@ -63,11 +65,11 @@ class ShapesConfig:
 
     def __post_init__(self) -> None:
         if self.texture_mode not in TEXTURE_MODES:
-            raise ValueError(f"texture_mode must be one of {', '.join(TEXTURE_MODES)}, not '{self.texture_mode}'")
+            raise VitlabError(f"texture_mode must be one of {', '.join(TEXTURE_MODES)}, not '{self.texture_mode}'")
         if self.image_size < 8:
-            raise ValueError(f"shapes needs an image size of at least 8 pixels, not {self.image_size}")
+            raise VitlabError(f"shapes needs an image size of at least 8 pixels, not {self.image_size}")
         if self.num_images < 1:
-            raise ValueError(f"shapes needs at least one image, not {self.num_images}")
+            raise VitlabError(f"the shapes split is empty ({self.num_images} images); ask for at least one image")
 
     def key(self) -> str:
         """A short hash identifying this config (the cache file name)."""

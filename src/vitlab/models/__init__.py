@@ -17,7 +17,7 @@ from timm.models import is_model, model_entrypoint
 from ..errors import VitlabError, unknown_name_error
 from . import mixer, resnet, vit  # noqa: F401  (registers the models)
 
-__all__ = ["create_model", "list_models", "count_parameters", "is_vitlab_model"]
+__all__ = ["check_model_name", "create_model", "list_models", "count_parameters", "is_vitlab_model"]
 
 
 def is_vitlab_model(name: str) -> bool:
@@ -34,6 +34,12 @@ def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
     return sorted(n for n in names if include_timm or is_vitlab_model(n))
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`VitlabError` naming the closest registered models if ``name`` is unknown."""
+    if not is_model(name):
+        raise unknown_name_error("model", name, timm.list_models(), hint="(list them with `vitlab models`)")
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build the model registered as ``name`` (vitlab's or timm's), with keyword overrides.
 
@@ -41,8 +47,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     weights; needs the network unless they are cached). Raises :class:`VitlabError` with the
     closest valid names for an unknown model, and for an image size the patch size does not divide.
     """
-    if not is_model(name):
-        raise unknown_name_error("model", name, timm.list_models(), hint="(list them with `vitlab models`)")
+    check_model_name(name)
     try:
         model = timm.create_model(name, **overrides)
     except TypeError as e:

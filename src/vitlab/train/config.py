@@ -43,7 +43,12 @@ class TrainConfig:
     eval_batch_size: int = 256
 
     def validate(self) -> None:
-        """Refuse values that cannot work, with a message naming the fix."""
+        """Refuse values that cannot work, with a message naming the fix (before any work starts)."""
+        from ..data.datasets import parse_name
+        from ..models import check_model_name
+
+        check_model_name(self.model)
+        parse_name(self.data.name)
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),

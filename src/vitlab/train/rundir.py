@@ -1,9 +1,10 @@
 """The run directory: the unit everything in vitlab passes around.
 
 ``runs/NAME/`` holds ``config.yaml`` (enough to rebuild the model and the data),
-``model.safetensors`` (the weights), ``metrics.csv`` (one row per epoch), ``state.pt``
-(optimizer, scheduler, RNG and epoch, for resuming) and, later, analysis outputs. Every file is
-written atomically: a run killed mid-write keeps the previous complete file.
+``model.safetensors`` (the weights), ``metrics.csv`` (one row per epoch), ``state.pt`` (what
+resuming needs: epoch, weights, optimizer state and metrics, in one file so that they always
+agree) and, later, analysis outputs. Every file is written atomically: a run killed mid-write
+keeps the previous complete file.
 """
 
 from __future__ import annotations

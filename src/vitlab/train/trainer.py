@@ -8,6 +8,7 @@ boundary replays exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -120,7 +121,8 @@ def train(
 
     # --- model, optimizer, schedule -------------------------------------------------------------
     if not resume:
-        cfg.model_args = model_args_for(cfg, info)  # saved resolved, so the run rebuilds without data
+        # Saved resolved (classes, image size), so the run rebuilds its model without the data.
+        cfg = dataclasses.replace(cfg, model_args=model_args_for(cfg, info))
         rundir.save_config(run_dir, cfg)
     model = create_model(cfg.model, **cfg.model_args)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -136,13 +138,16 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     # --- resume --------------------------------------------------------------------------------
+    # state.pt is the one commit point of an epoch: weights, optimizer and metrics together, so
+    # a run killed between two file writes resumes from a consistent epoch. No RNG state is
+    # needed: every epoch reseeds from (seed, epoch).
     start_epoch, metrics = 0, []
     state = rundir.load_state(run_dir) if resume else None
     if state is not None:
-        rundir.load_weights(run_dir, model)
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
-        metrics = rundir.read_metrics(run_dir)[:start_epoch]
+        metrics = state["metrics"]
     elapsed = metrics[-1]["time_s"] if metrics else 0.0
     params = count_parameters(model)
 
@@ -187,11 +192,11 @@ def train(
             tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / seen:.3f} "
                        f"acc {correct / seen:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
                        f"{seen / train_time:.0f} img/s")
-        # Weights first, then metrics, then state: the state names the epoch only once both exist.
+        # The user-facing files first, then the state that commits the epoch.
         rundir.save_weights(run_dir, model)
         rundir.write_metrics(run_dir, metrics)
-        rundir.save_state(run_dir, {"epoch": epoch, "optimizer": optimizer.state_dict(),
-                                    "params": params, "torch_version": str(torch.__version__)})
+        rundir.save_state(run_dir, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "metrics": metrics, "params": params, "torch_version": str(torch.__version__)})
     return TrainResult(run_dir, model, cfg, info, metrics)
 
 
