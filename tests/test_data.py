@@ -80,6 +80,11 @@ def test_shapes_dataset_train_and_val_differ_and_normalise():
     assert 0 <= raw[0][0].min() and raw[0][0].max() <= 1
 
 
+def test_empty_shapes_split_is_refused():
+    with pytest.raises(VitlabError, match="the shapes split is empty"):
+        build_dataset(DataConfig(num_train=0), "train")
+
+
 def test_unknown_dataset_suggests_names():
     with pytest.raises(VitlabError, match=r"unknown data set 'cifar1O'.*cifar10"):
         build_dataset(DataConfig(name="cifar1O"), "train")

@@ -35,6 +35,9 @@ class TrainingCurves:
             ax.plot(epochs, [r[metric] for r in rows], marker="o", ms=3, color=colour, label=name)
             if metric == "val_acc":
                 ax.plot(epochs, [r["train_acc"] for r in rows], ls="--", color=colour, alpha=0.6)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_xlabel("epoch")
         ax.set_ylabel(_LABELS.get(metric, metric))
         if metric.endswith("acc"):
