@@ -45,7 +45,7 @@ def _data_config(args: argparse.Namespace, base=None):
 
 def build_parser() -> argparse.ArgumentParser:
     from .compare import default_data
-    from .data import DataConfig
+    from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="vitlab", epilog=EPILOG,
@@ -70,20 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model and write a run directory",
                        description="Train one model. Writes config.yaml, model.safetensors, metrics.csv and "
                                    "state.pt (for --resume) into the run directory.")
-    p.add_argument("--model", metavar="NAME", help="model name (see `vitlab models`; default vit_nano_patch4_32)")
+    t = TrainConfig()
+    p.add_argument("--model", metavar="NAME", help=f"model name (see `vitlab models`; default {t.model})")
     p.add_argument("--config", metavar="YAML", help="recipe file; command-line options override its values")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help=f"(default {t.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"(default {t.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {t.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"(default {t.weight_decay})")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay (default {t.warmup_epochs})")
+    p.add_argument("--label-smoothing", type=float, help=f"(default {t.label_smoothing})")
+    p.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {t.drop_path})")
+    p.add_argument("--seed", type=int, help=f"(default {t.seed})")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    _add_data_args(p, DataConfig(), default=None)
+    _add_data_args(p, t.data, default=None)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("analyze", help="analyse run directories or models by name and write a report",

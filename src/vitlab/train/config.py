@@ -22,7 +22,7 @@ class TrainConfig:
     """Everything a training run depends on."""
 
     #: Registered model name (``vitlab models`` lists them) and keyword overrides for it.
-    model: str = "vit_nano_patch4_32"
+    model: str = "vit_nano_patch8_sincos_32"
     model_args: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
