@@ -44,7 +44,7 @@ def test_capture_materialises_fused_attention(name):
     with torch.no_grad():
         expected_logits = model(x)
     attn, layers = Store(), Store()
-    with Capture(model, a.layer_names, layers, a.attention, attn):
+    with Capture(model, a.layer_names, layers, a.attention_names, attn):
         with torch.no_grad():
             logits = model(x)
         assert not any(blk.attn.fused_attn for blk in model.blocks)

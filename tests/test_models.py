@@ -123,3 +123,10 @@ def test_default_comparison_models_exist():
     assert families == {"vit", "resnet20", "mixer"}
     for recipe in DEFAULT_RECIPES:
         assert recipe.model in list_models()
+
+
+def test_wrong_input_size_names_the_accepted_size():
+    model = create_model("vit_nano_patch8_32")
+    with pytest.raises(VitlabError, match=r"vit_nano_patch8_32 takes 32x32 images, got 224x224.*img_size=224"):
+        model(torch.randn(1, 3, 224, 224))
+    assert create_model("resnet20_cifar")(torch.randn(1, 3, 40, 40)).shape == (1, 10)  # CNNs take any size

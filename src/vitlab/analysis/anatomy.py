@@ -1,21 +1,30 @@
 """Anatomy: where a model's analysable layers and attention modules are.
 
 Analyses never hard-code a family: they ask :func:`anatomy` for the layers to hook (in depth
-order, with short labels for plots), the attention modules, the token grid, the number of prefix
-tokens (class/distillation tokens) and the patch size in pixels. Family knowledge lives here
-only. Supported: timm's ``VisionTransformer`` (ViT, DeiT and vitlab's small ViTs), ``MlpMixer``,
-``ResNet`` (timm's and vitlab's CIFAR ResNets).
+order, with short labels for plots), the attention modules with the token grid each one works
+on, the number of prefix tokens (class/distillation tokens) and the patch size in pixels.
+
+Family knowledge lives in one function per family, registered for the family's model class with
+:func:`register_anatomy`: timm's families (``VisionTransformer``, ``MlpMixer``, ``ResNet``) below,
+vitlab's own next to their model code.
 
 Attention convention (what :mod:`vitlab.analysis.capture` relies on): an attention module has a
 ``fused_attn`` flag and, when it is off, passes its softmax probabilities of shape
-(batch, heads, tokens, tokens) through a submodule ``attn_drop``. timm's ``Attention`` does.
+(batch, heads, tokens, tokens) through a submodule ``attn_drop``, as timm's ``Attention`` does.
+A module that never forms them (LeViT's) gets a ``recompute`` function in its
+:class:`AttentionSite` that rebuilds them from the module's input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 import torch.nn as nn
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import VitlabError
 
@@ -33,17 +42,33 @@ class Layer:
 
 
 @dataclass
+class AttentionSite:
+    """One attention module whose probabilities are square over a token grid (queries = keys)."""
+
+    #: Module path of the attention module.
+    name: str
+    #: Short label for plots, e.g. ``"block3"``.
+    label: str
+    num_heads: int
+    #: Token grid (rows, columns) of its queries and keys, and the pixels each token spans.
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    #: Tokens before the grid tokens (class token ...).
+    prefix_tokens: int = 0
+    #: For modules that never form the probabilities explicitly: ``f(module, inputs)`` returning
+    #: them, shape (batch, heads, tokens, tokens), recomputed from the module's input.
+    recompute: Callable[[nn.Module, tuple], torch.Tensor] | None = None
+
+
+@dataclass
 class Anatomy:
     """The analysable structure of one model."""
 
     family: str
     layers: list[Layer]
-    #: Module paths of attention modules in depth order (empty for CNNs and Mixers).
-    attention: list[str] = field(default_factory=list)
-    #: Heads of each attention module, and a short label for each (the block it sits in).
-    num_heads: list[int] = field(default_factory=list)
-    attention_labels: list[str] = field(default_factory=list)
-    #: Token grid (rows, columns) of token-based models; ``None`` for CNNs.
+    #: Attention modules in depth order (empty for CNNs and Mixers).
+    attention: list[AttentionSite] = field(default_factory=list)
+    #: Token grid (rows, columns) of the model's (first) token grid; ``None`` for CNNs.
     grid: tuple[int, int] | None = None
     #: Tokens before the patch tokens (class token, distillation token, registers).
     prefix_tokens: int = 0
@@ -64,50 +89,65 @@ class Anatomy:
     def has_attention(self) -> bool:
         return bool(self.attention)
 
+    @property
+    def attention_names(self) -> list[str]:
+        return [site.name for site in self.attention]
+
+
+AnatomyFn = Callable[[nn.Module], Anatomy]
+_FAMILIES: dict[type, AnatomyFn] = {}
+
+
+def register_anatomy(*classes: type) -> Callable[[AnatomyFn], AnatomyFn]:
+    """Decorator: ``fn(model) -> Anatomy`` describes models of ``classes`` (and their subclasses)."""
+
+    def register(fn: AnatomyFn) -> AnatomyFn:
+        for cls in classes:
+            _FAMILIES[cls] = fn
+        return fn
+
+    return register
+
 
 def anatomy(model: nn.Module) -> Anatomy:
     """Describe ``model``'s analysable layers; a clear error for families vitlab does not know."""
-    from timm.models.mlp_mixer import MlpMixer
-    from timm.models.resnet import ResNet
-    from timm.models.vision_transformer import VisionTransformer
-
-    from ..models.resnet import CifarResNet
-
-    if isinstance(model, VisionTransformer):
-        return _vit(model)
-    if isinstance(model, MlpMixer):
-        return _mixer(model)
-    if isinstance(model, (ResNet, CifarResNet)):
-        return _resnet(model)
-    raise VitlabError(
-        f"vitlab cannot find the layers of {type(model).__name__}; supported families: "
-        "VisionTransformer (vit_*, deit_*), MlpMixer (mixer_*), ResNet (resnet*)"
-    )
+    for cls in type(model).__mro__:
+        if cls in _FAMILIES:
+            return _FAMILIES[cls](model)
+    known = ", ".join(sorted({c.__name__ for c in _FAMILIES}))
+    raise VitlabError(f"vitlab cannot find the layers of {type(model).__name__}; supported families: {known}")
 
 
-def _pair(value) -> tuple[int, int]:
+def pair(value) -> tuple[int, int]:
+    """``value`` as a (rows, columns) tuple."""
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+# --- timm's families ------------------------------------------------------------------------------
+
+
+@register_anatomy(VisionTransformer)
 def _vit(model: nn.Module) -> Anatomy:
     embed = model.patch_embed
     # norm_pre sees the tokens after the class token and position embedding are added (it is an
     # Identity in most ViTs, which still runs hooks): the true input representation.
     layers = [Layer("norm_pre", "embed", "embed")]
     layers += [Layer(f"blocks.{i}", f"block{i + 1}") for i in range(len(model.blocks))]
+    grid, patch = pair(embed.grid_size), pair(embed.patch_size)
+    sites = [AttentionSite(f"blocks.{i}.attn", f"block{i + 1}", blk.attn.num_heads, grid, patch,
+                           model.num_prefix_tokens) for i, blk in enumerate(model.blocks)]
     return Anatomy(
         family="vit",
         layers=layers,
-        attention=[f"blocks.{i}.attn" for i in range(len(model.blocks))],
-        num_heads=[blk.attn.num_heads for blk in model.blocks],
-        attention_labels=[f"block{i + 1}" for i in range(len(model.blocks))],
-        grid=_pair(embed.grid_size),
+        attention=sites,
+        grid=grid,
         prefix_tokens=model.num_prefix_tokens,
-        patch_size=_pair(embed.patch_size),
-        image_size=_pair(embed.img_size) if embed.img_size is not None else None,
+        patch_size=patch,
+        image_size=pair(embed.img_size) if embed.img_size is not None else None,
     )
 
 
+@register_anatomy(MlpMixer)
 def _mixer(model: nn.Module) -> Anatomy:
     stem = model.stem
     layers = [Layer("stem", "embed", "embed")]
@@ -115,14 +155,16 @@ def _mixer(model: nn.Module) -> Anatomy:
     return Anatomy(
         family="mixer",
         layers=layers,
-        grid=_pair(stem.grid_size),
+        grid=pair(stem.grid_size),
         prefix_tokens=0,
-        patch_size=_pair(stem.patch_size),
-        image_size=_pair(stem.img_size),
+        patch_size=pair(stem.patch_size),
+        image_size=pair(stem.img_size),
     )
 
 
-def _resnet(model: nn.Module) -> Anatomy:
+@register_anatomy(ResNet)
+def resnet_anatomy(model: nn.Module) -> Anatomy:
+    """ResNets: the stem, then every residual block, labelled stage.block (timm's and CIFAR ones)."""
     # The stem's last module: max-pool for ImageNet ResNets (an Identity for CIFAR stems), act1 else.
     stem = "maxpool" if hasattr(model, "maxpool") else "act1"
     layers = [Layer(stem, "stem", "stem")]

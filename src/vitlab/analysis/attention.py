@@ -346,7 +346,8 @@ class AttentionDistanceResult:
         points = ax.scatter(
             xs, dist.reshape(-1), c=ranks, cmap=cmap, vmin=0, vmax=max(n_heads - 1, 1), s=14, zorder=3
         )
-        ax.plot(depth, dist.mean(axis=1), color="0.4", alpha=0.4, lw=1, zorder=2, label="layer mean")
+        # nanmean: stages of hierarchical models may have fewer heads (NaN-padded rows).
+        ax.plot(depth, np.nanmean(dist, axis=1), color="0.4", alpha=0.4, lw=1, zorder=2, label="layer mean")
         uniform = self.uniform_distance()
         if uniform is not None:
             ax.axhline(uniform, color="0.2", ls="--", lw=1, zorder=1, label="uniform attention")

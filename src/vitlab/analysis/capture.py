@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import VitlabError
+from .anatomy import AttentionSite
 
 Reducer = Callable[[str, torch.Tensor], None]
 
@@ -36,11 +37,14 @@ class Capture:
         model: nn.Module,
         layers: Sequence[str] = (),
         on_layer: Reducer | None = None,
-        attention: Sequence[str] = (),
+        attention: Sequence[str | AttentionSite] = (),
         on_attention: Reducer | None = None,
     ) -> None:
         self.model = model
-        self.layers, self.attention = list(layers), list(attention)
+        self.layers = list(layers)
+        # Plain names follow the attn_drop convention; sites may bring a recompute function.
+        self.attention = [a if isinstance(a, AttentionSite) else AttentionSite(a, a, 0, (0, 0), (0, 0))
+                          for a in attention]
         self.on_layer, self.on_attention = on_layer, on_attention
         self._handles: list = []
         self._fused: list[tuple[nn.Module, bool]] = []
@@ -55,8 +59,11 @@ class Capture:
         try:
             for name in self.layers:
                 self._handles.append(self._module(name).register_forward_hook(self._layer_hook(name)))
-            for name in self.attention:
-                module = self._module(name)
+            for site in self.attention:
+                name, module = site.name, self._module(site.name)
+                if site.recompute is not None:
+                    self._handles.append(module.register_forward_hook(self._recompute_hook(site)))
+                    continue
                 if not hasattr(module, "attn_drop"):
                     raise VitlabError(f"attention module '{name}' ({type(module).__name__}) does not expose its "
                                       "probabilities (no attn_drop); attention analyses cannot run on it")
@@ -80,6 +87,14 @@ class Capture:
         def hook(module, inputs, output):
             if self.on_layer is not None:
                 self.on_layer(name, _first_tensor(output).detach())
+
+        return hook
+
+    def _recompute_hook(self, site: AttentionSite):
+        def hook(module, inputs, output):
+            if self.on_attention is not None:
+                with torch.no_grad():
+                    self.on_attention(site.name, site.recompute(module, inputs).detach())
 
         return hook
 

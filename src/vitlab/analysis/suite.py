@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -77,21 +78,28 @@ def run_analyses(
     if "cka" in analyses:
         cka = MinibatchCKA([f"{i}:{layer.name}" for i, s in enumerate(subjects) for layer in s.anatomy.layers])
 
-    distances: dict[int, AttentionDistance] = {}
+    # One accumulator per model and token grid (hierarchical models have one grid per stage).
+    distances: dict[int, dict[tuple, AttentionDistance]] = {}
+    site_key: dict[tuple[int, str], tuple] = {}
     if "attention_distance" in analyses:
         for i, s in enumerate(subjects):
-            a = s.anatomy
-            if a.has_attention and a.grid is not None:
-                distances[i] = AttentionDistance(a.grid, a.patch_size, prefix_tokens=a.prefix_tokens)
-            else:
-                out.notes.append(f"attention distance: not applicable to {s.name} ({a.family} has no attention)")
+            if not s.anatomy.has_attention:
+                out.notes.append(f"attention distance: not applicable to {s.name} "
+                                 f"({s.anatomy.family} has no attention maps over its tokens)")
+                continue
+            distances[i] = {}
+            for site in s.anatomy.attention:
+                key = (site.grid, site.patch_size, site.prefix_tokens)
+                site_key[i, site.name] = key
+                if key not in distances[i]:
+                    distances[i][key] = AttentionDistance(site.grid, site.patch_size, prefix_tokens=site.prefix_tokens)
 
     def on_layer(i: int):
         return lambda name, output: cka.add(0, f"{i}:{name}", output)
 
     def on_attention(i: int):
-        labels = dict(zip(subjects[i].anatomy.attention, subjects[i].anatomy.attention_labels))
-        return lambda name, probs: distances[i].add(labels[name], probs)
+        labels = {site.name: site.label for site in subjects[i].anatomy.attention}
+        return lambda name, probs: distances[i][site_key[i, name]].add(labels[name], probs)
 
     with ExitStack() as stack:
         for i, s in enumerate(subjects):
@@ -123,6 +131,21 @@ def run_analyses(
                 block = matrix[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]]
                 out.cka[cka_key(a.name, b.name)] = CKAResult(a.name, b.name, a.anatomy.layer_labels,
                                                               b.anatomy.layer_labels, block)
-    for i, acc in distances.items():
-        out.attention_distance[subjects[i].name] = acc.result(subjects[i].name)
+    for i, accumulators in distances.items():
+        out.attention_distance[subjects[i].name] = _distance_result(subjects[i], accumulators)
     return out
+
+
+def _distance_result(subject: Subject, accumulators: dict[tuple, AttentionDistance]) -> AttentionDistanceResult:
+    """One result per model, sites in depth order; layers with fewer heads are padded with NaN."""
+    means = {}
+    for acc in accumulators.values():
+        means.update({label: m.numpy() for label, m in acc.compute().items()})
+    labels = [site.label for site in subject.anatomy.attention]
+    table = np.full((len(labels), max(len(m) for m in means.values())), np.nan)
+    for row, label in enumerate(labels):
+        table[row, :len(means[label])] = means[label]
+    (grid, patch, _), *others = accumulators
+    # The "uniform attention" reference line exists only when every site shares one square grid.
+    image_px = grid[0] * patch[0] if not others and grid[0] == grid[1] and patch[0] == patch[1] else None
+    return AttentionDistanceResult(subject.name, labels, table, patch_px=patch[0], image_px=image_px)

@@ -56,7 +56,35 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
             raise VitlabError(f"model '{name}' does not take the option '{bad}'") from None
         raise
     _check_patch_grid(name, model)
+    _guard_input_size(name, model)
     return model
+
+
+def _guard_input_size(name: str, model: nn.Module) -> None:
+    """Make a wrong input size one clear error instead of an assertion deep inside the model.
+
+    Models whose anatomy gives a fixed ``image_size`` (a position embedding or token grid sized
+    at build time) get a forward pre-hook that checks every input against it.
+    """
+    from ..analysis.anatomy import anatomy
+
+    try:
+        size = anatomy(model).image_size
+    except VitlabError:
+        return  # a family vitlab does not describe: leave it to the model
+    if size is None:
+        return
+    expected = tuple(size)
+
+    def check(module: nn.Module, args: tuple) -> None:
+        got = tuple(args[0].shape[-2:]) if args and torch.is_tensor(args[0]) else expected
+        if got != expected:
+            raise VitlabError(
+                f"{name} takes {expected[0]}x{expected[1]} images, got {got[0]}x{got[1]}; resize the "
+                f"images to {expected[0]}x{expected[1]} or build the model with img_size={got[0]}"
+            )
+
+    model.register_forward_pre_hook(check)
 
 
 def _check_patch_grid(name: str, model: nn.Module) -> None:

@@ -19,6 +19,7 @@ from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 
+from ..analysis.anatomy import register_anatomy, resnet_anatomy
 from .layers import ChannelPadShortcut
 
 # --- model classes ------------------------------------------------------------------------------
@@ -98,6 +99,9 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+register_anatomy(CifarResNet)(resnet_anatomy)  # same layout as timm's ResNet: stem, layerN.i
 
 
 class CifarStemResNet(ResNet):
