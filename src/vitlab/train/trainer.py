@@ -164,8 +164,12 @@ def train(
                    leave=False, unit="batch", dynamic_ncols=True)
         for step, (images, labels) in enumerate(bar):
             scheduler.step_update(epoch * steps_per_epoch + step)
-            logits = model(images)
-            loss = loss_fn(logits, labels)
+            outputs = model(images)
+            # Models with several heads (early exits) return a list, final head last: every head
+            # learns from the labels, and accuracy is the final head's.
+            heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            logits = heads[-1]
+            loss = sum(loss_fn(head, labels) for head in heads)
             if not torch.isfinite(loss):
                 raise VitlabError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
                                   "lower --lr or raise --warmup-epochs (the last finished epoch is saved)")

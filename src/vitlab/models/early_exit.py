@@ -1,0 +1,510 @@
+"""Early exits with single-layer ViT branches (Bakhtiarnia et al., "Single-Layer Vision
+Transformers for More Accurate Early Exits with Less Overhead", Neural Networks 2022).
+
+:class:`EarlyExitModel` wraps any backbone vitlab's anatomy describes (ViT, Mixer, ResNet, ...)
+and attaches an exit branch after chosen layers. No public code exists; this is vitlab's design.
+
+**The branch** (:class:`SingleLayerViT`, "SL-ViT"): the intermediate output becomes tokens of
+width ``branch_dim``, a class token and a learned position embedding are added, then one timm
+``Block`` (pre-norm attention + MLP), a LayerNorm and a linear head on the class token.
+
+* Token outputs (B, N, C) (ViT, Mixer, ...): a linear projection C -> ``branch_dim`` of every
+  token, the backbone's own prefix tokens included (they already summarise the image).
+* Feature maps (B, C, H, W) (CNNs): a patch embedding, a ``p x p`` convolution with stride ``p``
+  and ``p = ceil(max(H, W) / branch_grid)``, so a branch sees at most ``branch_grid`` x
+  ``branch_grid`` tokens (ResNet-20 at 32x32: 8x8 tokens after stage 1 (p=4) and stage 2 (p=2)).
+
+Defaults keep the branches small: width 64, 4 heads, MLP ratio 2 (about 50k parameters each).
+
+**Where the exits go** (``exits=None``): after every block of the anatomy whose output is a
+token sequence, and after the last block of every stage (a run of blocks with the same output
+shape) for feature maps; never after the last block, which the backbone's own head follows.
+``exits`` may instead name backbone module paths (``"blocks.2"``, ``"layer1"``), anatomy labels
+(``"block3"``, ``"1.3"``) or indices into the anatomy's layers; they are sorted by depth.
+
+**Outputs.** In training mode ``forward`` returns a list: the logits of every exit, in depth
+order, then the final head's logits (last). In eval mode it returns the final head's logits only
+(the branches do not run), so evaluation and analysis code that expects a tensor works unchanged.
+:meth:`EarlyExitModel.forward_exits` returns ``(exit_logits, final_logits)`` in either mode.
+
+**Training** is the trainer's business. Two recipes: (1) joint training, the loss is the sum of
+the cross-entropies of all outputs (``sum(ce(o, y) for o in model(x))``, accuracy from the last);
+(2) the paper's recipe: train the backbone first, then :meth:`~EarlyExitModel.freeze_backbone`
+and train only the branches; its "copycat" variant trains each branch on the final head's
+predictions instead of the labels (``final_logits.detach()`` from ``forward_exits``).
+
+**Inference** (:meth:`EarlyExitModel.predict`): each sample leaves at the first branch whose
+softmax confidence (top probability) is ``>= threshold``. The backbone runs block by block
+through its own ``forward``: a forward hook at each exit layer runs the branch and hands only
+the samples still running to the next layer, and the forward stops when none is left. Compute
+is counted per sample from MACs measured once on one image with ``FlopCounterMode`` (attention
+matmuls included, fused CPU attention too): the backbone up to each exit, each branch, the whole
+backbone. ``threshold > 1`` can never be passed, so the branches are skipped (nothing saved,
+the final head's predictions). Limitation: the backbone's layers must pass the batch straight
+through (true of ViTs, Mixers, CNNs); skip connections that jump over an exit would break.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from ..analysis.anatomy import Anatomy, anatomy, register_anatomy
+from ..errors import VitlabError
+
+# --- blocks -------------------------------------------------------------------------------------
+
+
+class SingleLayerViT(nn.Module):
+    """An exit branch: tokens -> class token + position embedding -> one ViT block -> norm -> head.
+
+    ``in_shape`` is the shape of one sample of the intermediate output: ``(N, C)`` for tokens,
+    ``(C, H, W)`` for a feature map.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: int,
+        dim: int = 64,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        max_grid: int = 8,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) == 3:  # a CNN feature map: patchify to at most max_grid x max_grid tokens
+            channels, height, width = in_shape
+            patch = max(1, math.ceil(max(height, width) / max_grid))
+            self.embed = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+            num_tokens = (height // patch) * (width // patch)
+        elif len(in_shape) == 2:  # tokens: project each one to the branch width
+            num_tokens, channels = in_shape
+            self.embed = nn.Linear(channels, dim)
+        else:
+            raise VitlabError(f"an exit branch takes tokens (B, N, C) or maps (B, C, H, W), not {len(in_shape) + 1}-D")
+        self.num_classes = num_classes
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens + 1, dim))
+        self.block = Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.norm.normalized_shape[0], num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.block(x))
+        return self.head(self.head_drop(x[:, 0]))
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):  # timm's ViT initialisation
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --- model class --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExitCosts:
+    """MACs of one image: the backbone up to each exit layer (cumulative), each branch, the whole backbone."""
+
+    backbone_macs: list[int]
+    branch_macs: list[int]
+    full_macs: int
+
+
+@dataclass
+class EarlyExitPrediction:
+    """What :meth:`EarlyExitModel.predict` returns (one entry per sample, in input order)."""
+
+    #: Predicted class and the logits it came from (of the exit the sample left at).
+    predictions: torch.Tensor
+    logits: torch.Tensor
+    #: Exit each sample left at: ``0 .. num_exits - 1`` for branches, ``num_exits`` for the final head.
+    exit_index: torch.Tensor
+    #: MACs spent on each sample (backbone up to its exit plus every branch it passed through).
+    macs: torch.Tensor
+    #: MACs of one full backbone forward pass (no branches), the reference for ``compute_saved``.
+    full_macs: int
+
+    @property
+    def compute_saved(self) -> float:
+        """Fraction of the full backbone's MACs not spent (negative when branch overhead outweighs exits)."""
+        return 1.0 - self.macs.double().sum().item() / (self.full_macs * len(self.macs))
+
+
+class _AllExited(Exception):
+    """Raised inside the backbone's forward once no sample is left running: stops it there."""
+
+
+class EarlyExitModel(nn.Module):
+    """A backbone with single-layer-ViT exit branches after chosen layers (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        exits: Sequence[str | int] | None = None,
+        branch_dim: int = 64,
+        branch_heads: int = 4,
+        branch_mlp_ratio: float = 2.0,
+        branch_grid: int = 8,
+        branch_drop_rate: float = 0.0,
+        img_size: int | tuple[int, int] | None = None,
+        in_chans: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        try:
+            inner: Anatomy | None = anatomy(backbone)
+        except VitlabError:
+            inner = None  # explicit module paths still work; default exits need the anatomy
+        self.img_size = self._resolve_img_size(inner, img_size)
+        self.in_chans = in_chans or next((m.in_channels for m in backbone.modules() if hasattr(m, "in_channels")), 3)
+        self.num_classes = backbone.num_classes
+        self.num_features = self.head_hidden_size = backbone.num_features
+        self.backbone_frozen = False
+
+        candidates = [layer.name for layer in inner.layers] if inner is not None else []
+        wanted = [self._resolve_exit(e, inner) for e in exits] if exits is not None else []
+        shapes, order = self._dry_run(list(dict.fromkeys(candidates + wanted)))
+        if exits is None:
+            if inner is None:
+                raise VitlabError(f"vitlab does not know the layers of {type(backbone).__name__}; name the exit "
+                                  "layers with exits=[module paths]")
+            wanted = _default_exits(inner, shapes)
+        self.exit_names = sorted(dict.fromkeys(wanted), key=order.index)
+        labels = {layer.name: layer.label for layer in inner.layers} if inner is not None else {}
+        self.exit_labels = [labels.get(name, name) for name in self.exit_names]
+        self.branches = nn.ModuleList(
+            SingleLayerViT(shapes[name], self.num_classes, branch_dim, branch_heads, branch_mlp_ratio,
+                           branch_grid, branch_drop_rate)
+            for name in self.exit_names
+        )
+        self._costs: ExitCosts | None = None
+
+    # -- construction helpers
+    def _resolve_img_size(self, inner: Anatomy | None, img_size: Any) -> tuple[int, int]:
+        fixed = inner.image_size if inner is not None else None
+        if fixed is not None:
+            if img_size is not None and tuple(to_2tuple(img_size)) != tuple(fixed):
+                raise VitlabError(f"the backbone takes {fixed[0]}x{fixed[1]} images, not img_size={img_size}")
+            return tuple(fixed)
+        if img_size is None:  # a CNN: the branches' position embeddings still fix the size
+            cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+            if "input_size" not in cfg:
+                raise VitlabError("give EarlyExitModel an img_size: the exit branches are sized for one input size")
+            img_size = cfg["input_size"][-2:]
+        return tuple(to_2tuple(img_size))
+
+    def _resolve_exit(self, exit: str | int, inner: Anatomy | None) -> str:
+        layers = inner.layers if inner is not None else []
+        if isinstance(exit, int):
+            if not -len(layers) <= exit < len(layers):
+                raise VitlabError(f"exit index {exit} is out of range: the backbone has {len(layers)} layers")
+            return layers[exit].name
+        name = exit.removeprefix("backbone.")
+        if name not in {layer.name for layer in layers}:  # an anatomy label such as "block3" or "1.3"
+            name = {layer.label: layer.name for layer in layers}.get(name, name)
+        try:
+            self.backbone.get_submodule(name)
+        except AttributeError:
+            known = ", ".join(layer.name for layer in layers)
+            raise VitlabError(f"the backbone has no layer '{exit}'; its layers: {known}") from None
+        return name
+
+    @torch.no_grad()
+    def _dry_run(self, names: list[str]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+        """Per-sample output shape of every named module and the order they run in (one image)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        order: list[str] = []
+
+        def record(name: str) -> Callable:
+            def hook(module, inputs, output):
+                if not torch.is_tensor(output):
+                    raise VitlabError(f"layer '{name}' returns {type(output).__name__}, not a tensor; "
+                                      "an exit needs a layer that returns one")
+                if name in shapes:
+                    raise VitlabError(f"layer '{name}' runs more than once per forward pass; it cannot be an exit")
+                shapes[name] = tuple(output.shape[1:])
+                order.append(name)
+            return hook
+
+        param = next(self.backbone.parameters(), torch.empty(0))
+        handles = [self.backbone.get_submodule(n).register_forward_hook(record(n)) for n in names]
+        was_training = self.backbone.training
+        self.backbone.eval()  # no BatchNorm statistics updated by the dry run
+        try:
+            self.backbone(torch.zeros(1, self.in_chans, *self.img_size, device=param.device, dtype=param.dtype))
+        finally:
+            self.backbone.train(was_training)
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise VitlabError(f"layers {missing} do not run in the backbone's forward pass; they cannot be exits")
+        return shapes, order
+
+    # -- the timm model interface (the final head is the backbone's)
+    @property
+    def num_exits(self) -> int:
+        return len(self.branches)
+
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        self.backbone.reset_classifier(num_classes, *args, **kwargs)
+        for branch in self.branches:
+            branch.reset_classifier(num_classes)
+        self.num_classes, self._costs = num_classes, None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{n}" for n in inner} | {f"branches.{i}.{n}" for i in range(self.num_exits)
+                                                   for n in ("cls_token", "pos_embed")}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.backbone.forward_head(x, pre_logits=pre_logits)
+
+    def freeze_backbone(self, freeze: bool = True) -> None:
+        """Train only the branches: backbone weights get no gradient and its BatchNorm/dropout stay in eval mode."""
+        self.backbone_frozen = freeze
+        self.backbone.requires_grad_(not freeze)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "EarlyExitModel":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    # -- forward passes
+    def _run_backbone(self, x: torch.Tensor, on_exit: Callable[[int, torch.Tensor], torch.Tensor | None] | None):
+        """The backbone's forward with ``on_exit(i, output)`` hooked after exit layer ``i``.
+
+        ``on_exit`` may return a replacement output (fewer samples) or raise :class:`_AllExited`.
+        """
+        handles = []
+        if on_exit is not None:
+            for i, name in enumerate(self.exit_names):
+                hook = (lambda i: lambda module, inputs, output: on_exit(i, output))(i)
+                handles.append(self.backbone.get_submodule(name).register_forward_hook(hook))
+        try:
+            return self.backbone(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward_exits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(exit_logits, final_logits)``: every branch's logits in depth order, and the final head's."""
+        exit_logits: list[torch.Tensor | None] = [None] * self.num_exits
+
+        def run_branch(i: int, output: torch.Tensor) -> None:
+            exit_logits[i] = self.branches[i](output)
+
+        final = self._run_backbone(x, run_branch)
+        return exit_logits, final
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Training mode: ``[exit_1, ..., exit_n, final]`` logits; eval mode: the final logits only."""
+        if not self.training:
+            return self.backbone(x)
+        exit_logits, final = self.forward_exits(x)
+        return [*exit_logits, final]
+
+    # -- inference with early exits
+    @torch.no_grad()
+    def exit_costs(self) -> ExitCosts:
+        """MACs of one image up to each exit, of each branch and of the whole backbone (measured once)."""
+        if self._costs is not None:
+            return self._costs
+        param = next(self.parameters())
+        x = torch.zeros(1, self.in_chans, *self.img_size, device=param.device, dtype=param.dtype)
+        outputs, at_exit = {}, []
+        was_training = self.training
+        self.eval()
+        try:
+            with _mac_counter() as counter:
+                def note(i: int, output: torch.Tensor) -> None:
+                    at_exit.append(counter.get_total_flops() // 2)
+                    outputs[i] = output
+
+                self._run_backbone(x, note)
+            full = counter.get_total_flops() // 2
+            branch_macs = []
+            for i, branch in enumerate(self.branches):
+                with _mac_counter() as counter:
+                    branch(outputs[i])
+                branch_macs.append(counter.get_total_flops() // 2)
+        finally:
+            self.train(was_training)
+        self._costs = ExitCosts(at_exit, branch_macs, full)
+        return self._costs
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, threshold: float) -> EarlyExitPrediction:
+        """Classify ``x`` leaving each sample at the first exit whose top softmax probability is ``>= threshold``.
+
+        Samples that exit are dropped from the batch, so later layers run only on the rest.
+        """
+        if tuple(x.shape[-2:]) != tuple(self.img_size):
+            raise VitlabError(f"this model takes {self.img_size[0]}x{self.img_size[1]} images, "
+                              f"got {x.shape[-2]}x{x.shape[-1]}")
+        costs = self.exit_costs()
+        n, device = x.shape[0], x.device
+        exit_index = torch.full((n,), self.num_exits, dtype=torch.long, device=device)
+        logits = torch.empty(n, self.num_classes, device=device)
+        running = torch.arange(n, device=device)  # input positions of the samples still in the batch
+
+        def maybe_exit(i: int, output: torch.Tensor) -> torch.Tensor | None:
+            nonlocal running
+            branch_logits = self.branches[i](output)
+            done = branch_logits.softmax(-1).amax(-1) >= threshold
+            if not done.any():
+                return None
+            logits[running[done]] = branch_logits[done].to(logits.dtype)
+            exit_index[running[done]] = i
+            running = running[~done]
+            if running.numel() == 0:
+                raise _AllExited
+            return output[~done]
+
+        # No softmax probability exceeds 1: above it no branch could fire, so none runs.
+        branches_run = threshold <= 1
+        was_training = self.training
+        self.eval()
+        try:
+            final = self._run_backbone(x, maybe_exit if branches_run else None)
+            logits[running] = final.to(logits.dtype)
+        except _AllExited:
+            pass
+        finally:
+            self.train(was_training)
+
+        backbone_macs = torch.tensor([*costs.backbone_macs, costs.full_macs])
+        branch_macs = torch.tensor([*costs.branch_macs, 0] if branches_run else [0] * (self.num_exits + 1))
+        spent = backbone_macs + branch_macs.cumsum(0)  # exits 0..n-1, then the final head
+        return EarlyExitPrediction(logits.argmax(-1), logits, exit_index, spent.to(device)[exit_index],
+                                   costs.full_macs)
+
+
+def _mac_counter() -> FlopCounterMode:
+    # The fused CPU attention kernel has no FLOP formula in PyTorch: count it as q k^T and attn v.
+    custom = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        custom[cpu_flash] = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def _default_exits(inner: Anatomy, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Every token block, and the last block of every feature-map stage; never the last block."""
+    blocks = [layer.name for layer in inner.layers if layer.kind == "block"]
+    exits = []
+    for name, after in zip(blocks[:-1], blocks[1:]):
+        if len(shapes[name]) != 3 or shapes[name] != shapes[after]:
+            exits.append(name)
+    return exits
+
+
+@register_anatomy(EarlyExitModel)
+def _early_exit_anatomy(model: EarlyExitModel) -> Anatomy:
+    """The backbone's layers and attention, under ``backbone.``; the branches are not analysed."""
+    inner = anatomy(model.backbone)
+    return replace(
+        inner,
+        family=f"early_exit_{inner.family}",
+        layers=[replace(layer, name=f"backbone.{layer.name}") for layer in inner.layers],
+        attention=[replace(site, name=f"backbone.{site.name}") for site in inner.attention],
+        image_size=tuple(model.img_size),  # the branches' position embeddings fix it even for CNNs
+    )
+
+
+# --- builder ------------------------------------------------------------------------------------
+
+_EXIT_ARGS = ("exits", "branch_dim", "branch_heads", "branch_mlp_ratio", "branch_grid", "branch_drop_rate")
+
+
+def _create_early_exit(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> EarlyExitModel:
+    """Build ``backbone`` (a registered name) with the remaining kwargs, then wrap it with exits."""
+    exit_args = {k: kwargs.pop(k) for k in _EXIT_ARGS if k in kwargs}
+
+    def build(**backbone_args: Any) -> EarlyExitModel:
+        net = timm.create_model(backbone, **backbone_args)
+        return EarlyExitModel(net, img_size=backbone_args.get("img_size"), in_chans=backbone_args.get("in_chans"),
+                              **exit_args)
+
+    return build_model_with_cfg(build, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,  # the branches' position embeddings are sized at build time
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "early_exit_vit_nano_patch4_32": _cfg(first_conv="backbone.patch_embed.proj", classifier="backbone.head"),
+        "early_exit_mixer_nano_patch4_32": _cfg(first_conv="backbone.stem.proj", classifier="backbone.head"),
+        "early_exit_resnet20_cifar": _cfg(first_conv="backbone.conv1", classifier="backbone.fc",
+                                          interpolation="bilinear"),
+    }
+)
+
+# --- registered variants --------------------------------------------------------------------------
+
+
+@register_model
+def early_exit_vit_nano_patch4_32(pretrained: bool = False, **kwargs: Any) -> EarlyExitModel:
+    """ViT-Nano/4 (6 blocks) with an SL-ViT exit after each of its first 5 blocks."""
+    return _create_early_exit("early_exit_vit_nano_patch4_32", "vit_nano_patch4_32", pretrained, **kwargs)
+
+
+@register_model
+def early_exit_mixer_nano_patch4_32(pretrained: bool = False, **kwargs: Any) -> EarlyExitModel:
+    """Mixer-Nano/4 (6 blocks) with an SL-ViT exit after each of its first 5 blocks."""
+    return _create_early_exit("early_exit_mixer_nano_patch4_32", "mixer_nano_patch4_32", pretrained, **kwargs)
+
+
+@register_model
+def early_exit_resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> EarlyExitModel:
+    """ResNet-20 with an SL-ViT exit after residual stages 1 and 2 (stage 3 ends in the final head)."""
+    return _create_early_exit("early_exit_resnet20_cifar", "resnet20_cifar", pretrained, **kwargs)
