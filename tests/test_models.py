@@ -29,14 +29,29 @@ def test_parameter_count_of_built_model_matches_meta_count():
     assert count_parameters(model) == sum(p.numel() for p in model.parameters()) == 269_722
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_vitlab_model_runs_forward_and_backward(name):
-    model = timm.create_model(name, num_classes=7)  # registered in timm's registry
-    x = torch.randn(2, 3, 32, 32)
-    out = model(x)
-    assert out.shape == (2, 7)
-    out.sum().backward()
+def _forward_backward(model, size):
+    out = model(torch.randn(2, 3, size, size))
+    outputs = out if isinstance(out, (list, tuple)) else [out]  # early-exit models: every exit's logits
+    assert all(o.shape == (2, 7) for o in outputs)
+    sum(o.sum() for o in outputs).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _paper_size(name):
+    return timm.models.get_pretrained_cfg(name).input_size[-1]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_vitlab_model_runs_forward_and_backward_at_its_own_size(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7)  # registered in timm's registry
+    _forward_backward(model, _paper_size(name))
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if _paper_size(n) != 32])
+def test_every_paper_resolution_model_also_runs_at_32(name):
+    torch.manual_seed(0)
+    _forward_backward(create_model(name, num_classes=7, img_size=32), 32)
 
 
 def test_list_models_has_the_three_families():
