@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.models import is_model, model_entrypoint
 
 from ..errors import VitlabError, unknown_name_error
-from . import cct, cvt, dhvt, early_exit, levit, mixer, resnet, t2t, vit  # noqa: F401  (registers the models)
+from . import cct, cvt, dhvt, early_exit, levit, mixer, qna, resnet, t2t, vit  # noqa: F401  (registers the models)
 
 __all__ = ["check_model_name", "create_model", "list_models", "count_parameters", "is_vitlab_model"]
 
