@@ -137,3 +137,17 @@ def test_imagefolder_on_shared_cifar10():
     assert len(val) == 5000  # 10% of each class of 50,000
     x, y = val[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 10
+
+
+def test_randaugment_option_adds_timm_randaugment_to_training_only():
+    from timm.data.auto_augment import RandAugment
+
+    from vitlab.data.transforms import build_transform
+
+    train_t = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, randaugment="rand-m9-mstd0.5")
+    eval_t = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=False, randaugment="rand-m9-mstd0.5")
+    assert sum(isinstance(t, RandAugment) for t in train_t.transforms) == 1
+    assert not any(isinstance(t, RandAugment) for t in eval_t.transforms)
+    assert train_t(Image.new("RGB", (32, 32), (128, 64, 32))).shape == (3, 32, 32)
+    with pytest.raises(VitlabError, match="must look like 'rand-m9-mstd0.5'"):
+        build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, randaugment="m9")

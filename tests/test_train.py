@@ -117,3 +117,57 @@ def test_config_round_trips_through_yaml(tmp_path):
 def test_batch_larger_than_data_is_refused(tmp_path):
     with pytest.raises(VitlabError, match="fewer than one batch"):
         train(tiny_config(batch_size=512), tmp_path / "run", progress=False)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor(tmp_path):
+    # metrics.csv records the learning rate of each epoch's last step: near the peak after the
+    # one-epoch warm-up, at the cosine floor after the last epoch (timm's CosineLRScheduler).
+    result = train(tiny_config(epochs=3, warmup_epochs=1.0, lr=1e-3, min_lr=1e-5), tmp_path / "run", progress=False)
+    lrs = [row["lr"] for row in result.metrics]
+    assert 0.6e-3 <= lrs[0] <= 1e-3  # 3 steps an epoch: the last warm-up step is at 2/3 of the way
+    assert lrs[1] < 1e-3 and lrs[1] > lrs[2]
+    assert lrs[2] < 0.1e-3  # close to min_lr at the end of the cosine
+
+
+def test_a_model_that_does_not_build_leaves_no_run_behind(tmp_path):
+    bad = tiny_config(model_args={"depth": 2, "no_such_option": 1})
+    with pytest.raises(VitlabError, match="does not take the option 'no_such_option'"):
+        train(bad, tmp_path / "run", progress=False)
+    train(tiny_config(epochs=1), tmp_path / "run", progress=False)  # the same --out works at once
+
+
+def test_state_of_another_model_is_one_clear_line(tmp_path):
+    train(tiny_config(epochs=1), tmp_path / "run", progress=False, stop_after_epoch=0)
+    train(tiny_config(epochs=1, model_args={"depth": 3}), tmp_path / "other", progress=False)
+    (tmp_path / "run" / "state.pt").write_bytes((tmp_path / "other" / "state.pt").read_bytes())
+    with pytest.raises(VitlabError, match=r"training state .* does not fit this run's model"):
+        train(tiny_config(), tmp_path / "run", resume=True, progress=False)
+
+
+def test_damaged_metrics_is_one_clear_line(tmp_path):
+    from vitlab.train.rundir import read_metrics
+
+    train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "metrics.csv").write_text("epoch,val_acc\n1,oops\n")
+    with pytest.raises(VitlabError, match=r"metrics.csv' is damaged"):
+        read_metrics(tmp_path / "run")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epochs: ten\n", r"'epochs' in .* must be an integer, not 'ten'"),
+    ("lr: fast\n", r"'lr' in .* must be a number, not 'fast'"),
+    ("data:\n  download: 'yes'\n", r"'download' in .*data section.* must be true or false"),
+    ("data: shapes\n", r"'data' in .* must be a mapping"),
+])
+def test_config_value_of_the_wrong_type_is_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(VitlabError, match=message):
+        load_config(path)
+
+
+def test_integer_values_pass_as_floats(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("lr: 1\nwarmup_epochs: 0\n")
+    cfg = load_config(path)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.warmup_epochs == 0.0

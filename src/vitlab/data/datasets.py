@@ -176,6 +176,10 @@ def _cifar(kind: str, cfg: DataConfig, split: str) -> tuple[Dataset, DatasetInfo
         raise VitlabError(
             f"{kind} is not in {root}; pass --download to fetch it, or --data-root DIR where it is"
         ) from None
+    except OSError as e:  # --download without a network (URLError), or an unwritable root
+        reason = getattr(e, "reason", None) or e.strerror or type(e).__name__
+        raise VitlabError(f"could not download {kind} into {root} ({reason}); check the network, "
+                          "or pass --data-root DIR where the files already are") from None
     mean, std = dataset_stats(kind)
     return dataset, DatasetInfo(kind, list(dataset.classes), 32, mean, std)
 

@@ -7,6 +7,8 @@ fall back to a default).
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,8 +70,12 @@ class TrainConfig:
         """Build a config from a (possibly partial) dict, refusing unknown keys."""
         values = dict(values or {})
         data = values.pop("data", None) or {}
+        if not isinstance(data, dict):
+            raise VitlabError(f"'data' in {source} must be a mapping of keys to values, not {data!r}")
         _check_keys(values, cls, source)
         _check_keys(data, DataConfig, f"{source} (data section)")
+        values = _check_types(values, cls, source)
+        data = _check_types(data, DataConfig, f"{source} (data section)")
         cfg = cls(**values, data=DataConfig(**data))
         cfg.validate()
         return cfg
@@ -94,6 +100,29 @@ def _check_keys(values: dict[str, Any], cls: type, source: str) -> None:
             close = closest_names(key, valid)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise VitlabError(f"unknown key '{key}' in {source}; {hint}valid keys: {', '.join(valid)}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+
+
+def _check_types(values: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
+    """Refuse values of the wrong type (``epochs: ten``) with one line; integers pass as floats."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints[key]
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if value is None and type(None) in members:
+            continue  # an optional field left unset
+        allowed = [typing.get_origin(t) or t for t in members if t is not type(None)]  # dict[str, Any] -> dict
+        if any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed):
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+            continue
+        expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)
+        raise VitlabError(f"'{key}' in {source} must be {expected}, not {value!r}")
+    return out
 
 
 def load_config(path: str | Path) -> TrainConfig:

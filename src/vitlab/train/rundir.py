@@ -126,6 +126,23 @@ def load_state(run_dir: Path) -> dict[str, Any] | None:
                           "restart the run with --overwrite") from None
 
 
+def restore_state(run_dir: Path, state: dict[str, Any], model: nn.Module,
+                  optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]]:
+    """Load a :func:`load_state` dict into ``model`` and ``optimizer``; returns (next epoch, metrics).
+
+    A state file that does not fit the run's model (config.yaml edited, another run's state.pt
+    copied in) gets one clear line instead of a size-mismatch trace.
+    """
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["epoch"]) + 1, list(state["metrics"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise VitlabError(f"training state '{Path(run_dir) / STATE}' does not fit this run's model ({detail}); "
+                          "was config.yaml edited? restart the run with --overwrite") from None
+
+
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Write all epoch rows to ``metrics.csv`` (rewritten whole, atomically, each epoch)."""
     if not rows:
@@ -141,5 +158,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as e:
+        raise VitlabError(f"'{path}' is damaged ({str(e).splitlines()[0]}); restore it or retrain the run "
+                          "with --overwrite") from None

@@ -123,8 +123,9 @@ def train(
     if not resume:
         # Saved resolved (classes, image size), so the run rebuilds its model without the data.
         cfg = dataclasses.replace(cfg, model_args=model_args_for(cfg, info))
-        rundir.save_config(run_dir, cfg)
     model = create_model(cfg.model, **cfg.model_args)
+    if not resume:  # only once the model builds: a bad option must not leave a half-made run behind
+        rundir.save_config(run_dir, cfg)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler = CosineLRScheduler(
@@ -144,10 +145,7 @@ def train(
     start_epoch, metrics = 0, []
     state = rundir.load_state(run_dir) if resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        metrics = state["metrics"]
+        start_epoch, metrics = rundir.restore_state(run_dir, state, model, optimizer)
     elapsed = metrics[-1]["time_s"] if metrics else 0.0
     params = count_parameters(model)
 
