@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from vitlab.cli import main
 
@@ -110,3 +111,51 @@ def test_compare_checks_every_model_name_first(tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # nothing was trained
     code, _, err = run(["compare", "--models", "resnet20_cifar,resnet20_cifar", "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "listed twice" in err
+
+
+def test_train_from_a_recipe_file_with_command_line_overrides(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: resnet20_cifar\nepochs: 1\nbatch_size: 16\nlr: 0.5\n"
+                      "data:\n  num_train: 32\n  num_val: 16\n")
+    out_dir = tmp_path / "run"
+    code, _, err = run(["train", "--config", str(recipe), "--lr", "0.002", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+    assert saved["model"] == "resnet20_cifar" and saved["epochs"] == 1 and saved["batch_size"] == 16
+    assert saved["lr"] == 0.002  # the command line wins over the recipe
+    assert saved["data"]["num_train"] == 32
+
+
+def test_report_table_shows_each_models_numbers(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    code, _, _ = run(["compare", "--models", "resnet20_cifar,mixer_nano_patch4_32", "--epochs", "1",
+                      "--out", str(out_dir), "--analysis-images", "32", "--analysis-batch-size", "16"]
+                     + FAST_DATA, capsys)
+    assert code == 0
+    results = json.loads((out_dir / "results.json").read_text())
+    html = (out_dir / "report.html").read_text()
+    table = html[html.index("<table"):html.index("</table>")]
+    for row in results["models"]:
+        assert row["name"] in table and f"{row['params']:,}" in table
+        assert f"{100 * row['val_acc']:.1f}" in table and row["val_acc"] is not None
+
+
+def test_existing_output_is_refused_then_overwritten(tmp_path, capsys):
+    out_dir = tmp_path / "ana"
+    args = ["analyze", "resnet20_cifar", "--out", str(out_dir), "--analysis-images", "32",
+            "--analysis-batch-size", "16"] + FAST_DATA
+    assert run(args, capsys)[0] == 0
+    code, _, err = run(args, capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    (out_dir / "stale.txt").write_text("from before")
+    assert run(args + ["--overwrite"], capsys)[0] == 0
+    assert not (out_dir / "stale.txt").exists() and (out_dir / "report.html").exists()
+
+
+def test_overwrite_never_deletes_a_run_being_analysed(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "r20"
+    assert run(["train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--out",
+                str(run_dir)] + FAST_DATA, capsys)[0] == 0
+    code, _, err = run(["analyze", str(run_dir), "--out", str(tmp_path / "runs"), "--overwrite"] + FAST_DATA,
+                       capsys)
+    assert code == 2 and "would delete" in err and (run_dir / "model.safetensors").exists()

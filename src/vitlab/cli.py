@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_analysis_args(p)
     _add_data_args(p, default_data())
     p.set_defaults(func=_cmd_compare)
@@ -93,12 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("subjects", nargs="+", metavar="RUN_DIR_OR_MODEL")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for model names")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/analyze-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--seed", type=int, default=0)
     _add_analysis_args(p)
     _add_data_args(p, default_data())
     p.set_defaults(func=_cmd_analyze)
 
-    p = sub.add_parser("models", help="list the registered models with their parameter counts")
+    p = sub.add_parser("models", help="list the registered models with their parameter counts, input sizes and classes")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit*' (default: all)")
     p.add_argument("--all", action="store_true", help="include stock timm models")
     p.set_defaults(func=_cmd_models)
@@ -131,7 +133,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     result = compare(models=_split(args.models) or None, data=_data_config(args, default_data()), out=args.out,
                      epochs=args.epochs, seed=args.seed, analyses=_split(args.analyses),
                      analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
-                     command=_command_line(), resume=args.resume)
+                     command=_command_line(), resume=args.resume, overwrite=args.overwrite)
     _print_summary(result)
     return 0
 
@@ -142,7 +144,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     result = analyze(args.subjects, data=_data_config(args, default_data()), out=args.out,
                      pretrained=args.pretrained, analyses=_split(args.analyses),
                      analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
-                     seed=args.seed, command=_command_line())
+                     seed=args.seed, command=_command_line(), overwrite=args.overwrite)
     _print_summary(result)
     return 0
 
@@ -179,14 +181,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    import timm
+
     from .models import count_parameters, list_models
 
     names = list_models(args.pattern, include_timm=args.all)
     if not names:
         raise VitlabError(f"no model matches '{args.pattern}'; run `vitlab models` to list them all")
-    width = max(len(n) for n in names)
+    width = max(len(n) for n in names + ["model"])
+    print(f"{'model':<{width}}  {'params':>13}  {'input':>7}  classes")
     for name in names:
-        print(f"{name:<{width}}  {count_parameters(name):>13,}")
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = f"{cfg.input_size[-2]}x{cfg.input_size[-1]}" if cfg else "?"
+        classes = cfg.num_classes if cfg else "?"
+        print(f"{name:<{width}}  {count_parameters(name):>13,}  {size:>7}  {classes:>7}")
     return 0
 
 

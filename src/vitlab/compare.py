@@ -7,6 +7,7 @@ existing run directories or registered model names.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -91,24 +92,28 @@ def compare(
     progress: bool = True,
     command: str = "",
     resume: bool = False,
+    overwrite: bool = False,
 ) -> CompareResult:
     """Train each model on ``data``, analyse them together and write the report.
 
     ``models`` defaults to :data:`DEFAULT_RECIPES` (ViT, ResNet, Mixer, with their tuned
     schedules); other model names train with the first recipe's schedule. ``epochs`` overrides
     every model's epochs; ``data`` defaults to :func:`default_data`. ``resume`` continues an
-    interrupted comparison in ``out``: finished runs are kept, an unfinished one resumes.
+    interrupted comparison in ``out``: finished runs are kept, an unfinished one resumes;
+    ``overwrite`` deletes an existing ``out`` first.
     """
     started = time.perf_counter()
     check_analyses(analyses)
     data = data or default_data()
     recipes = _recipes_for(models)  # every name is checked before any training starts
     out_dir = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    if resume and overwrite:
+        raise VitlabError("--resume continues the comparison in --out and --overwrite replaces it; pass one of them")
     if resume and not out_dir.is_dir():
         raise VitlabError(f"cannot resume '{out_dir}': it does not exist; drop --resume to start a comparison")
-    if not resume and out_dir.exists() and any(out_dir.iterdir()):
-        raise VitlabError(f"output directory '{out_dir}' already exists; pass --resume to continue it "
-                          "or choose another with --out")
+    if not resume:
+        _clear_out_dir(out_dir, overwrite, "pass --resume to continue it, --overwrite to replace it, "
+                                           "or choose another with --out")
 
     subjects, timings = [], {}
     for step, recipe in enumerate(recipes, 1):
@@ -132,6 +137,18 @@ def compare(
                       data=data.name, command=command, timings=timings)
     report = write_report(out_dir, subjects, analysis, meta)
     return CompareResult(out_dir, report, subjects, analysis, timings)
+
+
+def _clear_out_dir(out_dir: Path, overwrite: bool, fix: str, keep: Sequence[Path] = ()) -> None:
+    """Refuse a non-empty output directory, or empty it when ``overwrite`` (never one holding ``keep``)."""
+    if not (out_dir.exists() and any(out_dir.iterdir())):
+        return
+    if not overwrite:
+        raise VitlabError(f"output directory '{out_dir}' already exists; {fix}")
+    for path in keep:
+        if out_dir.resolve() in (path.resolve(), *path.resolve().parents):
+            raise VitlabError(f"--overwrite would delete '{path}', which is being analysed; choose another --out")
+    shutil.rmtree(out_dir)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -164,16 +181,20 @@ def analyze(
     seed: int = 0,
     progress: bool = True,
     command: str = "",
+    overwrite: bool = False,
 ) -> CompareResult:
-    """Analyse run directories or model names (``specs``) on ``data`` and write the report."""
+    """Analyse run directories or model names (``specs``) on ``data`` and write the report.
+
+    ``overwrite`` replaces an existing ``out`` (refused when it holds one of the analysed runs).
+    """
     started = time.perf_counter()
     if not specs:
         raise VitlabError("name at least one run directory or model to analyse")
     check_analyses(analyses)
     data = data or default_data()
     out_dir = Path(out) if out else Path("runs") / f"analyze-{datetime.now():%Y%m%d-%H%M%S}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise VitlabError(f"output directory '{out_dir}' already exists; choose another with --out")
+    runs = [Path(spec) for spec in specs if Path(spec).is_dir()]
+    _clear_out_dir(out_dir, overwrite, "pass --overwrite to replace it or choose another with --out", keep=runs)
     subjects = [load_subject(spec, pretrained=pretrained) for spec in specs]
     loader = analysis_loader(data, analysis_images, analysis_batch_size, seed=seed, progress=progress)
     analysis = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader))
