@@ -23,26 +23,25 @@ from .figures import data_uri, figure_png
 
 CAPTIONS = {
     "curves": (
-        "Left: validation accuracy (solid) and training accuracy (dashed) after each epoch; right: "
-        "training loss. A model near 1/classes learned nothing; a widening gap between the lines is "
-        "over-fitting."
+        "Validation (solid) and training (dashed) accuracy after each epoch on the left, training loss "
+        "on the right: a model near 1/classes learned nothing, and a widening gap between the lines "
+        "means over-fitting."
     ),
     "cka_self": (
-        "Linear CKA between every pair of layers of one model (minibatch CKA with unbiased HSIC over "
-        "{n} validation images); bright cells mean two layers hold similar representations. Raghu et "
-        "al. found ViTs similar across all depths and ResNets split into blocks by stage."
+        "Linear CKA (minibatch, unbiased HSIC over {n} validation images) between every pair of layers "
+        "of one model, where a bright cell means two layers hold similar representations (Raghu et al. "
+        "found ViTs alike across depth and ResNets split into blocks by stage)."
     ),
     "cka_cross": (
-        "Linear CKA between the layers of two different models (rows: first model, columns: second). "
-        "A bright diagonal band means both compute similar representations in the same order; "
-        "brightness off the diagonal shows a layer matching a different depth of the other model."
+        "Linear CKA between the layers of two models (rows: first model, columns: second), where a "
+        "bright diagonal band means both compute similar representations in the same order and "
+        "brightness off it shows a layer matching another depth of the other model."
     ),
     "attention_distance": (
-        "Each dot is one attention head: the mean distance in pixels between a query patch and the "
-        "patches it attends to, weighted by attention (class token excluded), over {n} images. Low "
-        "values are local, convolution-like heads; values near the dashed line are global. Raghu et "
-        "al. found that early layers mix local and global heads only when trained on enough data; "
-        "with little data, all heads attend globally."
+        "Each dot is one head's mean distance in pixels between a query patch and the patches it "
+        "attends to (attention-weighted, class token excluded, over {n} images): low dots are local, "
+        "convolution-like heads, dots near the dashed line global (Raghu et al.: early layers mix both "
+        "only when trained on enough data)."
     ),
 }
 
