@@ -39,6 +39,9 @@ class Layer:
     label: str
     #: ``"embed"``, ``"block"`` or ``"stem"``.
     kind: str = "block"
+    #: Layout of the output: ``"tokens"`` (B, T, C), ``"nchw"`` or ``"nhwc"`` feature maps; ``None``
+    #: means 3-D outputs are tokens and 4-D ones NCHW maps.
+    layout: str | None = None
 
 
 @dataclass
@@ -61,6 +64,28 @@ class AttentionSite:
 
 
 @dataclass
+class ResidualSite:
+    """One residual sub-block ``z_out = z + f(z)``: where its stream ``z`` and its branch ``f`` are.
+
+    ``stream`` is ``(module path, "input" | "output")``: the tensor ``z`` is that module's input (a
+    forward pre-hook) or output; ``branch`` is the module whose output is the branch ``f(...)``
+    (before it is added). ``layout`` is the branch's: (B, tokens, C) (``"tokens"``), (B, C, tokens)
+    for a Mixer's token-mixing MLP (``"transposed"``), or a feature map (B, C, H, W)
+    (``"channels"``); the stream is a feature map for ``"channels"`` and (B, tokens, C) otherwise.
+    """
+
+    label: str
+    #: ``"attn"``, ``"mlp"`` (transformer sub-blocks), ``"token_mixing"``, ``"channel_mixing"``
+    #: (Mixer) or ``"conv"`` (a CNN's residual block).
+    kind: str
+    stream: tuple[str, str]
+    branch: str
+    layout: str = "tokens"
+    #: Class/distillation tokens before the spatial tokens of ``z`` (reported separately).
+    prefix_tokens: int = 0
+
+
+@dataclass
 class Anatomy:
     """The analysable structure of one model."""
 
@@ -76,6 +101,11 @@ class Anatomy:
     patch_size: tuple[int, int] | None = None
     #: Input image size the model expects (``None`` when any size works).
     image_size: tuple[int, int] | None = None
+    #: Residual sub-blocks in depth order, for the skip-connection analysis (empty: not described).
+    residuals: list[ResidualSite] = field(default_factory=list)
+    #: ``(label, module path)`` of every MLP's hidden activation (GELU of fc1), output (B, T, hidden),
+    #: for feature visualisation.
+    mlp_activations: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def layer_names(self) -> list[str]:
@@ -123,6 +153,23 @@ def pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def vit_block_residuals(path: str, label: str, prefix_tokens: int) -> list[ResidualSite]:
+    """The two sub-blocks of a timm ``Block`` at ``path``: ``x + ls1(attn(norm1 x))``, ``x + ls2(mlp(norm2 x))``.
+
+    ``ls1``/``ls2`` (layer scale; an Identity without it) return exactly the branch that is added.
+    """
+    return [ResidualSite(f"{label}.attn", "attn", (f"{path}.norm1", "input"), f"{path}.ls1", "tokens", prefix_tokens),
+            ResidualSite(f"{label}.mlp", "mlp", (f"{path}.norm2", "input"), f"{path}.ls2", "tokens", prefix_tokens)]
+
+
+def resnet_block_residual(path: str, label: str, block: nn.Module) -> ResidualSite:
+    """A timm ``BasicBlock``/``Bottleneck``: the last BatchNorm's output is the branch, the
+    (downsampled) block input the stream."""
+    branch = f"{path}.bn3" if hasattr(block, "bn3") else f"{path}.bn2"
+    stream = (f"{path}.downsample", "output") if block.downsample is not None else (path, "input")
+    return ResidualSite(label, "conv", stream, branch, "channels")
+
+
 # --- timm's families ------------------------------------------------------------------------------
 
 
@@ -144,6 +191,9 @@ def _vit(model: nn.Module) -> Anatomy:
         prefix_tokens=model.num_prefix_tokens,
         patch_size=patch,
         image_size=pair(embed.img_size) if embed.img_size is not None else None,
+        residuals=[site for i in range(len(model.blocks))
+                   for site in vit_block_residuals(f"blocks.{i}", f"block{i + 1}", model.num_prefix_tokens)],
+        mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))],
     )
 
 
@@ -159,6 +209,12 @@ def _mixer(model: nn.Module) -> Anatomy:
         prefix_tokens=0,
         patch_size=pair(stem.patch_size),
         image_size=pair(stem.img_size),
+        residuals=[site for i in range(len(model.blocks)) for site in (
+            ResidualSite(f"block{i + 1}.token_mixing", "token_mixing", (f"blocks.{i}.norm1", "input"),
+                         f"blocks.{i}.mlp_tokens", "transposed"),
+            ResidualSite(f"block{i + 1}.channel_mixing", "channel_mixing", (f"blocks.{i}.norm2", "input"),
+                         f"blocks.{i}.mlp_channels", "tokens"))],
+        mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp_channels.act") for i in range(len(model.blocks))],
     )
 
 
@@ -168,9 +224,11 @@ def resnet_anatomy(model: nn.Module) -> Anatomy:
     # The stem's last module: max-pool for ImageNet ResNets (an Identity for CIFAR stems), act1 else.
     stem = "maxpool" if hasattr(model, "maxpool") else "act1"
     layers = [Layer(stem, "stem", "stem")]
+    residuals = []
     stage = 1
     while hasattr(model, f"layer{stage}"):
-        for i, _ in enumerate(getattr(model, f"layer{stage}")):
+        for i, block in enumerate(getattr(model, f"layer{stage}")):
             layers.append(Layer(f"layer{stage}.{i}", f"{stage}.{i + 1}"))
+            residuals.append(resnet_block_residual(f"layer{stage}.{i}", f"{stage}.{i + 1}", block))
         stage += 1
-    return Anatomy(family="resnet", layers=layers)
+    return Anatomy(family="resnet", layers=layers, residuals=residuals)

@@ -107,6 +107,42 @@ class Capture:
         return hook
 
 
+class Hooks:
+    """Context manager for arbitrary hooks: ``(module path, "input" | "output", fn(tensor))``.
+
+    ``fn`` receives the module's first input (a forward pre-hook) or its output, detached, as
+    the forward pass produces it; every hook is removed on exit, also when the body raises.
+    """
+
+    def __init__(self, model: nn.Module, hooks: Sequence[tuple[str, str, Callable[[torch.Tensor], None]]]) -> None:
+        self.model, self.hooks = model, list(hooks)
+        self._handles: list = []
+
+    def __enter__(self) -> "Hooks":
+        try:
+            for name, where, fn in self.hooks:
+                try:
+                    module = self.model.get_submodule(name) if name else self.model
+                except AttributeError:
+                    raise VitlabError(f"model {type(self.model).__name__} has no layer '{name}'") from None
+                if where == "input":
+                    handle = module.register_forward_pre_hook(lambda m, args, fn=fn: fn(_first_tensor(args).detach()))
+                elif where == "output":
+                    handle = module.register_forward_hook(lambda m, args, out, fn=fn: fn(_first_tensor(out).detach()))
+                else:
+                    raise VitlabError(f"a hook takes a module's 'input' or 'output', not {where!r}")
+                self._handles.append(handle)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Store:
     """The simplest reducer: keep every output, concatenated over batches (small data only)."""
 

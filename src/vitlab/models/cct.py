@@ -36,7 +36,7 @@ import torch.nn as nn
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from ..analysis.anatomy import Anatomy, AttentionSite, Layer, ResidualSite, register_anatomy
 from ..errors import VitlabError
 
 POS_EMBEDS = ("learn", "sine", "none")
@@ -271,6 +271,11 @@ def _cct_anatomy(model: CCT) -> Anatomy:
         patch_size=stride,
         # Only the position embedding fixes the input size; without one any size runs.
         image_size=model.img_size if model.pos_embed is not None else None,
+        # x = norm2(x + attn(norm1 x)); x = x + mlp(x): the MLP's stream is norm2's output.
+        residuals=[site for i in range(len(model.blocks)) for site in (
+            ResidualSite(f"block{i + 1}.attn", "attn", (f"blocks.{i}.norm1", "input"), f"blocks.{i}.attn", "tokens", prefix),
+            ResidualSite(f"block{i + 1}.mlp", "mlp", (f"blocks.{i}.norm2", "output"), f"blocks.{i}.mlp", "tokens", prefix))],
+        mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))],
     )
 
 

@@ -470,12 +470,13 @@ class QnAViT(nn.Module):
 def qna_anatomy(model: QnAViT) -> Anatomy:
     """Patch embedding, then every block labelled stage.block; global LSA and small stride-1 QnA sites."""
     patch = model.patch_embed.patch_size[0]
-    layers, sites = [Layer("patch_embed", "embed", "embed")], []
+    # Tokens stay (B, H, W, C) throughout.
+    layers, sites = [Layer("patch_embed", "embed", "embed", layout="nhwc")], []
     for s, stage in enumerate(model.stages):
         grid, px = stage.grid_size, (patch * 2**s, patch * 2**s)
         for b, block in enumerate(stage.blocks):
             name, label = f"stages.{s}.blocks.{b}", f"{s + 1}.{b + 1}"
-            layers.append(Layer(name, label))
+            layers.append(Layer(name, label, layout="nhwc"))
             attn = block.attn
             if isinstance(attn, LocalSelfAttention) and attn.window_size == grid[0] == grid[1]:
                 sites.append(AttentionSite(f"{name}.attn", label, attn.num_heads, grid, px))

@@ -39,7 +39,7 @@ from timm.layers import Mlp, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy, vit_block_residuals
 
 __all__ = ["T2TViT", "TokensToToken", "TokenPerformer", "TokenTransformer", "sinusoid_position_table"]
 
@@ -352,8 +352,10 @@ def t2t_anatomy(model: T2TViT) -> Anatomy:
     patch = to_2tuple(t2t.strides[-1])
     sites += [AttentionSite(f"blocks.{i}.attn", f"block{i + 1}", blk.attn.num_heads, t2t.grid_size, patch, 1)
               for i, blk in enumerate(model.blocks)]
+    residuals = [site for i in range(len(model.blocks)) for site in vit_block_residuals(f"blocks.{i}", f"block{i + 1}", 1)]
     return Anatomy(family="t2t", layers=layers, attention=sites, grid=t2t.grid_size, prefix_tokens=1,
-                   patch_size=patch, image_size=t2t.img_size)
+                   patch_size=patch, image_size=t2t.img_size, residuals=residuals,
+                   mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))])
 
 
 # --- builder --------------------------------------------------------------------------------------
