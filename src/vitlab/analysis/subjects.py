@@ -54,15 +54,19 @@ class Subject:
         return (images - mean) / std
 
 
-def subject_from_run(run_dir: str | Path, name: str | None = None) -> Subject:
-    """Load a trained run directory (config, weights, metrics) as a subject."""
+def subject_from_run(run_dir: str | Path, name: str | None = None, weights: str = "model.safetensors") -> Subject:
+    """Load a trained run directory (config, weights, metrics) as a subject.
+
+    ``weights`` picks the file: the trained ``model.safetensors``, or ``init.safetensors`` for the
+    same model before training.
+    """
     from ..data.datasets import dataset_stats
     from ..train import rundir
 
     run_dir = Path(run_dir)
     cfg = rundir.read_config(run_dir)
     model = create_model(cfg.model, **cfg.model_args)
-    rundir.load_weights(run_dir, model)
+    rundir.load_weights(run_dir, model, weights)
     mean, std = dataset_stats(cfg.data.name)
     return Subject(
         name=name or run_dir.name,

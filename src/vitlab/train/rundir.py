@@ -1,7 +1,8 @@
 """The run directory: the unit everything in vitlab passes around.
 
 ``runs/NAME/`` holds ``config.yaml`` (enough to rebuild the model and the data),
-``model.safetensors`` (the weights), ``metrics.csv`` (one row per epoch), ``state.pt`` (what
+``model.safetensors`` (the weights), ``init.safetensors`` (the weights before training, for
+feature-reuse analyses), ``metrics.csv`` (one row per epoch), ``state.pt`` (what
 resuming needs: epoch, weights, optimizer state and metrics, in one file so that they always
 agree) and, later, analysis outputs. Every file is written atomically: a run killed mid-write
 keeps the previous complete file.
@@ -25,6 +26,8 @@ from ..errors import VitlabError
 from .config import TrainConfig, dump_config, load_config
 
 CONFIG, WEIGHTS, METRICS, STATE = "config.yaml", "model.safetensors", "metrics.csv", "state.pt"
+#: The weights before the first step, for analyses of what training changed (feature reuse).
+INIT_WEIGHTS = "init.safetensors"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -78,22 +81,23 @@ def read_config(run_dir: Path) -> TrainConfig:
     return load_config(path)
 
 
-def save_weights(run_dir: Path, model: nn.Module) -> None:
+def save_weights(run_dir: Path, model: nn.Module, name: str = WEIGHTS) -> None:
     # safetensors refuses tensors that share memory; clone() gives each its own storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = Path(run_dir) / f".{WEIGHTS}.tmp{os.getpid()}"
+    tmp = Path(run_dir) / f".{name}.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, Path(run_dir) / WEIGHTS)
+    os.replace(tmp, Path(run_dir) / name)
     _fsync_dir(Path(run_dir))
 
 
-def load_weights(run_dir: Path, model: nn.Module) -> None:
-    """Load ``model.safetensors`` into ``model``; a damaged or mismatched file gets one clear line."""
-    path = Path(run_dir) / WEIGHTS
+def load_weights(run_dir: Path, model: nn.Module, name: str = WEIGHTS) -> None:
+    """Load ``model.safetensors`` (or ``name``) into ``model``; a damaged or mismatched file gets one clear line."""
+    path = Path(run_dir) / name
     if not path.exists():
-        raise VitlabError(f"'{run_dir}' has no trained weights ({WEIGHTS}); train it first or pick another run")
+        what = "trained weights" if name == WEIGHTS else "initial weights"
+        raise VitlabError(f"'{run_dir}' has no {what} ({name}); train it (again) with this vitlab or pick another run")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -126,6 +126,7 @@ def train(
     model = create_model(cfg.model, **cfg.model_args)
     if not resume:  # only once the model builds: a bad option must not leave a half-made run behind
         rundir.save_config(run_dir, cfg)
+        rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler = CosineLRScheduler(
