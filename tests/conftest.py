@@ -6,6 +6,7 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_flush_denormal(True)  # as the vitlab command does: denormals make untrained CNNs crawl
 
 
 @pytest.fixture(autouse=True, scope="session")

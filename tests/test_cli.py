@@ -10,6 +10,7 @@ import yaml
 from vitlab.cli import main
 
 FAST_DATA = ["--num-train", "64", "--num-val", "64"]
+BASE_ANALYSES = ["--analyses", "cka,attention_distance"]
 
 
 def run(argv, capsys):
@@ -55,7 +56,7 @@ def test_train_then_refuse_existing_then_analyze(tmp_path, capsys):
 
     report_dir = tmp_path / "analysis"
     code, out, _ = run(["analyze", str(out_dir), "vit_nano_patch4_32", "--out", str(report_dir),
-                        "--analysis-images", "64", "--analysis-batch-size", "32"] + FAST_DATA, capsys)
+                        "--analysis-images", "64", "--analysis-batch-size", "32"] + BASE_ANALYSES + FAST_DATA, capsys)
     assert code == 0 and f"report: {report_dir / 'report.html'}" in out
     results = json.loads((report_dir / "results.json").read_text())
     assert set(results["cka"]) == {"run vs run", "run vs vit_nano_patch4_32",
@@ -66,15 +67,22 @@ def test_compare_end_to_end_small(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     code, out, _ = run(["compare", "--models", "vit_nano_patch4_32,resnet20_cifar,mixer_nano_patch4_32",
                         "--epochs", "1", "--out", str(out_dir), "--analysis-images", "64",
-                        "--analysis-batch-size", "32"] + FAST_DATA, capsys)
+                        "--analysis-batch-size", "32", "--featvis-steps", "2"] + FAST_DATA, capsys)
     assert code == 0 and "report:" in out
     results = json.loads((out_dir / "results.json").read_text())
     assert len(results["cka"]) == 6  # 3 models with themselves + 3 pairs
     assert [m["name"] for m in results["models"]] == ["vit_nano_patch4_32", "resnet20_cifar",
                                                       "mixer_nano_patch4_32"]
     assert list(results["attention_distance"]) == ["vit_nano_patch4_32"]
+    # every analysis that applies is in the report: attention ones for the ViT only, the rest for all
+    assert set(results["attention_heads"]) == {"vit_nano_patch4_32"}
+    for name in ("skip_connections", "probes", "robustness", "erf", "shape_bias"):
+        assert len(results[name]) == 3, name
+    assert set(results["feature_visualisation"]) == {"vit_nano_patch4_32", "mixer_nano_patch4_32"}
+    assert len(results["feature_reuse"]) == 3  # each run against its initial weights
+    assert results["shape_bias"]["resnet20_cifar"]["trained_on"] == "shapes (random textures)"
     html = (out_dir / "report.html").read_text()
-    assert html.count("<figure>") == 4  # curves, CKA within, CKA across, attention distance
+    assert html.count("<figure>") == 4 + 10  # curves, CKA within, CKA across, attention distance + one per analysis
 
 
 def test_console_script_runs():
@@ -130,7 +138,7 @@ def test_report_table_shows_each_models_numbers(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     code, _, _ = run(["compare", "--models", "resnet20_cifar,mixer_nano_patch4_32", "--epochs", "1",
                       "--out", str(out_dir), "--analysis-images", "32", "--analysis-batch-size", "16"]
-                     + FAST_DATA, capsys)
+                     + BASE_ANALYSES + FAST_DATA, capsys)
     assert code == 0
     results = json.loads((out_dir / "results.json").read_text())
     html = (out_dir / "report.html").read_text()
@@ -143,7 +151,7 @@ def test_report_table_shows_each_models_numbers(tmp_path, capsys):
 def test_existing_output_is_refused_then_overwritten(tmp_path, capsys):
     out_dir = tmp_path / "ana"
     args = ["analyze", "resnet20_cifar", "--out", str(out_dir), "--analysis-images", "32",
-            "--analysis-batch-size", "16"] + FAST_DATA
+            "--analysis-batch-size", "16"] + BASE_ANALYSES + FAST_DATA
     assert run(args, capsys)[0] == 0
     code, _, err = run(args, capsys)
     assert code == 2 and "already exists; pass --overwrite" in err

@@ -85,3 +85,38 @@ def test_report_files(subjects, loader, tmp_path):
     assert np.array(entry["matrix"]).shape == (4, 10) and entry["layers_b"][0] == "stem"
     assert results["models"][0]["params"] == subjects[0].params
     assert len(results["attention_distance"][subjects[0].name]["distances"]) == 3
+
+
+def test_every_analysis_runs_and_reaches_the_report(subjects, tmp_path):
+    from vitlab.analysis.suite import ANALYSES, AnalysisOptions
+    from vitlab.report.html import SECTIONS
+
+    g = torch.Generator().manual_seed(1)
+    labelled = DataLoader(TensorDataset(torch.rand(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
+                          batch_size=16)
+    options = AnalysisOptions(probe_images=32, robustness_images=16, erf_images=16, featvis_steps=3, featvis_layers=1,
+                              featvis_units=2, shuffle_grids=(1, 4))
+    out = run_analyses(subjects, labelled, ANALYSES, progress=False, options=options, train_loader=lambda: labelled)
+    vit, cnn = (s.name for s in subjects)
+    per_model = {name: set(results) for name, results in out.results.items()}
+    assert per_model["attention_heads"] == {vit} and per_model["localisation"] == {vit}
+    assert per_model["feature_visualisation"] == {vit} and per_model["conv_attention"] == {cnn}
+    for name in ("skip_connections", "probes", "robustness", "erf"):
+        assert per_model[name] == {vit, cnn}, name
+    assert "shape_bias" not in out.results and "feature_reuse" not in out.results
+    notes = " ".join(out.notes)
+    for expected in ("shape bias: not applicable", "feature reuse: no run", "salient PatchDrop skipped for resnet20",
+                     "localisation: not applicable to resnet20", "feature visualisation: not applicable to resnet20"):
+        assert expected in notes
+    assert set(out.results["robustness"][cnn].curves) == {"random", "shuffle"}
+    assert set(out.results["robustness"][vit].curves) == {"random", "salient", "non_salient", "shuffle"}
+
+    report = write_report(tmp_path, subjects, out, ReportMeta(title="all analyses", data="random"))
+    html = report.read_text()
+    for name in out.results:
+        assert f"<h2>{SECTIONS[name]}</h2>" in html
+    assert html.count("<figure>") == 3 + len(out.results)  # CKA within, across, attention distance, then one each
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(out.results) <= set(results)
+    assert results["probes"][vit]["best"]["knn"]["layer"] in results["probes"][vit]["layers"]
+    assert results["conv_attention"][cnn]["max_abs_error"] < 1e-5

@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .analysis.subjects import Subject, load_subject, subject_from_run
-from .analysis.suite import ANALYSES, AnalysisResults, check_analyses, run_analyses
+from .analysis.suite import ANALYSES, AnalysisOptions, AnalysisResults, check_analyses, run_analyses
 from .data import DataConfig, build_dataset
 from .errors import VitlabError
 from .models import check_model_name
 from .report.html import ReportMeta, write_report
 from .train import TrainConfig, train
+from .train.rundir import INIT_WEIGHTS
 
 
 @dataclass
@@ -68,12 +69,13 @@ class CompareResult:
 
 
 def analysis_loader(data: DataConfig, num_images: int, batch_size: int, seed: int = 0,
-                    progress: bool = False) -> DataLoader:
-    """Validation images in [0, 1] (no augmentation, no normalisation), in equal batches."""
-    dataset, _ = build_dataset(data, "val", train_transform=False, seed=seed, progress=progress, normalize=False)
+                    progress: bool = False, split: str = "val") -> DataLoader:
+    """Images of ``split`` (validation by default) in [0, 1] (no augmentation, no normalisation),
+    with their labels, in equal batches."""
+    dataset, _ = build_dataset(data, split, train_transform=False, seed=seed, progress=progress, normalize=False)
     if len(dataset) < batch_size:
-        raise VitlabError(f"the validation split has {len(dataset)} images, fewer than one analysis batch of "
-                          f"{batch_size}; lower --analysis-batch-size")
+        raise VitlabError(f"the {'validation' if split == 'val' else 'training'} split has {len(dataset)} images, "
+                          f"fewer than one analysis batch of {batch_size}; lower --analysis-batch-size")
     if num_images < len(dataset):
         dataset = Subset(dataset, range(num_images))
     # Minibatch CKA needs equal batch sizes: the last incomplete batch is dropped.
@@ -93,6 +95,7 @@ def compare(
     command: str = "",
     resume: bool = False,
     overwrite: bool = False,
+    options: AnalysisOptions | None = None,
 ) -> CompareResult:
     """Train each model on ``data``, analyse them together and write the report.
 
@@ -129,9 +132,9 @@ def compare(
 
     t0 = time.perf_counter()
     _say(progress, f"[{len(recipes) + 1}/{len(recipes) + 1}] analysing ({', '.join(analyses)})")
-    loader = analysis_loader(data, analysis_images, analysis_batch_size, seed=seed)
-    analysis = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader))
+    analysis = _analyse(subjects, data, analyses, analysis_images, analysis_batch_size, seed, progress, options)
     timings["analyses"] = round(time.perf_counter() - t0, 1)
+    timings.update({f"analysis: {name}": seconds for name, seconds in analysis.timings.items()})
     timings["total"] = round(time.perf_counter() - started, 1)
     meta = ReportMeta(title="vitlab compare: how differently do a ViT, a CNN and an MLP-Mixer see?",
                       data=data.name, command=command, timings=timings)
@@ -149,6 +152,30 @@ def _clear_out_dir(out_dir: Path, overwrite: bool, fix: str, keep: Sequence[Path
         if out_dir.resolve() in (path.resolve(), *path.resolve().parents):
             raise VitlabError(f"--overwrite would delete '{path}', which is being analysed; choose another --out")
     shutil.rmtree(out_dir)
+
+
+def _analyse(subjects: Sequence[Subject], data: DataConfig, analyses: Sequence[str], analysis_images: int,
+             batch_size: int, seed: int, progress: bool, options: AnalysisOptions | None) -> AnalysisResults:
+    """The analysis suite over ``data``'s validation images, with what the separate analyses need."""
+    loader = analysis_loader(data, analysis_images, batch_size, seed=seed, progress=progress)
+    train_loader = (lambda: analysis_loader(data, 10**9, batch_size, seed=seed, split="train")) \
+        if "probes" in analyses else None
+    init_subjects, trained_on = {}, {}
+    for s in subjects:
+        if s.run_dir is not None:
+            trained_on[s.name] = _training_data(s.run_dir)
+            if "feature_reuse" in analyses and (s.run_dir / INIT_WEIGHTS).exists():
+                init_subjects[s.name] = subject_from_run(s.run_dir, name=f"{s.name} (init)", weights=INIT_WEIGHTS)
+    return run_analyses(subjects, loader, analyses, progress=progress, total=len(loader), options=options,
+                        train_loader=train_loader, init_subjects=init_subjects, trained_on=trained_on)
+
+
+def _training_data(run_dir: Path) -> str:
+    """What a run was trained on, e.g. ``shapes (match textures)``, from its config."""
+    from .train.rundir import read_config
+
+    cfg = read_config(run_dir).data
+    return f"{cfg.name} ({cfg.texture_mode} textures)" if cfg.name == "shapes" else cfg.name
 
 
 def _say(progress: bool, message: str) -> None:
@@ -182,6 +209,7 @@ def analyze(
     progress: bool = True,
     command: str = "",
     overwrite: bool = False,
+    options: AnalysisOptions | None = None,
 ) -> CompareResult:
     """Analyse run directories or model names (``specs``) on ``data`` and write the report.
 
@@ -196,8 +224,7 @@ def analyze(
     runs = [Path(spec) for spec in specs if Path(spec).is_dir()]
     _clear_out_dir(out_dir, overwrite, "pass --overwrite to replace it or choose another with --out", keep=runs)
     subjects = [load_subject(spec, pretrained=pretrained) for spec in specs]
-    loader = analysis_loader(data, analysis_images, analysis_batch_size, seed=seed, progress=progress)
-    analysis = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader))
+    analysis = _analyse(subjects, data, analyses, analysis_images, analysis_batch_size, seed, progress, options)
     timings = {"total": round(time.perf_counter() - started, 1)}
     meta = ReportMeta(title="vitlab analyze: " + ", ".join(s.name for s in subjects), data=data.name,
                       command=command, timings=timings)

@@ -13,11 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def figure_png(draw: Callable[[Sequence], None], ncols: int = 1, width: float = 5.0, height: float = 4.0,
-               dpi: int = 110) -> bytes:
-    """Call ``draw(axes)`` on a fresh 1 x ``ncols`` figure and return it as PNG bytes."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+               dpi: int = 110, nrows: int = 1) -> bytes:
+    """Call ``draw(axes)`` on a fresh ``nrows`` x ``ncols`` figure (axes row by row) and return PNG bytes."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
     try:
-        draw(list(axes[0]))
+        draw(list(axes.flat))
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi)

@@ -43,6 +43,69 @@ CAPTIONS = {
         "convolution-like heads, dots near the dashed line global (Raghu et al.: early layers mix both "
         "only when trained on enough data)."
     ),
+    "attention_heads": (
+        "Each head's attention averaged over queries and images and re-centred on the query (layers as rows, "
+        "heads as columns), outlined blue when local, orange when offset-local (it looks at one neighbour in a "
+        "fixed direction) and green when global, by vitlab's documented rule (after Walmer et al.)."
+    ),
+    "skip_connections": (
+        "The norm of the residual stream divided by the norm of what each branch adds, against depth, for the "
+        "spatial tokens (solid) and the class token (dashed): above 1 the skip connection dominates and the block "
+        "changes the representation little (Raghu et al.)."
+    ),
+    "localisation": (
+        "For a 3x3 selection of token positions (circled), the CKA over {n} images between the token at that "
+        "position of the named layer and every input patch: a bright spot on the circle means the token still "
+        "describes its own patch (Raghu et al. found this for class-token ViTs, less for pooled ones)."
+    ),
+    "probes": (
+        "Held-out accuracy after every layer of closed-form ridge probes on the class token, the token average "
+        "and the centre token, and of a weighted 20-nearest-neighbour probe, fitted on training images, with "
+        "each probe's best layer ringed: it shows at what depth the class becomes decodable."
+    ),
+    "robustness": (
+        "Accuracy of every model when random patches, the most attended patches (salient) or all but them "
+        "(non-salient) are blacked out before normalisation, and when the image is cut into g x g shuffled "
+        "patches (Naseer et al. found ViTs degrade more gracefully than CNNs)."
+    ),
+    "shape_bias": (
+        "The share of shape decisions among cue decisions on cue-conflict images (one class's shape filled "
+        "with another's texture), 1 meaning shape only and 0 texture only; it is informative for models trained "
+        "where both cues predict the class (shapes with match textures, or ImageNet)."
+    ),
+    "feature_visualisation": (
+        "Images optimised from noise to excite single MLP hidden units with Ghiasi et al.'s recipe (Adam, "
+        "augmented copies, total-variation penalty), one row per block, early blocks first."
+    ),
+    "erf": (
+        "The gradient of each layer's centre output with respect to the input, averaged over images and scaled "
+        "to its peak, with the radius that holds half of it under each map: a CNN's receptive field grows with "
+        "depth while a ViT's can span the image from its first blocks."
+    ),
+    "feature_reuse": (
+        "CKA between the same layer of two versions of one model (solid) and how far its weights moved, "
+        "||W_a - W_b|| / ||W_b|| (dashed), against depth: layers with high CKA and small changes were reused, "
+        "the others relearned (Matsoukas et al.)."
+    ),
+    "conv_attention": (
+        "A stride-1 convolution of each model rebuilt exactly as one multi-head self-attention layer over "
+        "patches (Li et al.): each tile shows where one head attends around the query patch, and the title the "
+        "largest difference from the convolution's own output."
+    ),
+}
+
+#: Section titles of the analyses beyond CKA and attention distance, in report order.
+SECTIONS = {
+    "attention_heads": "Attention heads: local, offset-local, global",
+    "skip_connections": "Skip connections",
+    "localisation": "Spatial localisation",
+    "probes": "Layer probes",
+    "robustness": "Robustness to occlusion and shuffling",
+    "shape_bias": "Shape bias",
+    "feature_visualisation": "Feature visualisation",
+    "erf": "Effective receptive field",
+    "feature_reuse": "Feature reuse",
+    "conv_attention": "Convolution as attention",
 }
 
 
@@ -92,6 +155,8 @@ def build_results(subjects: Sequence[Subject], analysis: AnalysisResults, meta: 
         "training_curves": TrainingCurves({s.name: s.metrics for s in subjects if s.metrics}).to_dict(),
         "cka": {key: result.to_dict() for key, result in analysis.cka.items()},
         "attention_distance": {key: result.to_dict() for key, result in analysis.attention_distance.items()},
+        **{name: {key: result.to_dict() for key, result in results.items()}
+           for name, results in analysis.results.items()},
         "notes": analysis.notes,
     })
 
@@ -160,12 +225,36 @@ def render_html(subjects: Sequence[Subject], analysis: AnalysisResults, meta: Re
         parts.append(f"<h2>Attention distance: {html.escape(name)}</h2>"
                      + _figure(png, CAPTIONS["attention_distance"].format(n=n), f"attention distance of {name}"))
 
+    # --- every further analysis ------------------------------------------------------------------
+    for name, title in SECTIONS.items():
+        results = analysis.results.get(name)
+        if results:
+            png = _draw_analysis(name, list(results.values()))
+            parts.append(f"<h2>{html.escape(title)}</h2>" + _figure(png, CAPTIONS[name].format(n=n), title))
+
     if analysis.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in analysis.notes) + "</ul>")
     if meta.command:
         parts.append(f"<h2>Reproduce</h2><pre>{html.escape(meta.command)}</pre>"
                      "<p>Every number above is in <code>results.json</code> next to this file.</p>")
     return _PAGE.format(title=html.escape(meta.title), body="\n".join(parts))
+
+
+def _draw_analysis(name: str, results: list[Any]) -> bytes:
+    """One figure for every result of an analysis: models side by side, or together on shared axes."""
+    if name == "robustness":  # one panel per test, every model's curve on it
+        tests = list(dict.fromkeys(t for r in results for t in r.curves))
+        return figure_png(lambda axes: [r.plot(ax, test) for test, ax in zip(tests, axes) for r in results],
+                          ncols=len(tests), width=4.2, height=3.6)
+    if name == "shape_bias":
+        from ..analysis.shape_bias import plot_shape_bias
+
+        return figure_png(lambda axes: plot_shape_bias(axes[0], results), width=7.0, height=1.0 + 0.7 * len(results))
+    if name in ("erf", "feature_visualisation", "attention_heads"):  # wide images: one row per model
+        return figure_png(lambda axes: [r.plot(ax) for r, ax in zip(results, axes)], nrows=len(results),
+                          width=9.0, height=3.2 if name != "attention_heads" else 4.5)
+    return figure_png(lambda axes: [r.plot(ax) for r, ax in zip(results, axes)], ncols=len(results),
+                      width=4.8, height=4.0)
 
 
 def write_report(out_dir: str | Path, subjects: Sequence[Subject], analysis: AnalysisResults,
