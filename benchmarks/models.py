@@ -47,7 +47,11 @@ def build_at_32(name: str) -> nn.Module | None:
 
 def reference_for(name: str, model: nn.Module) -> tuple[str, Callable[[], nn.Module]] | None:
     """The other implementation of ``name``'s architecture with the same configuration, if one exists."""
-    if name.startswith(("vit_", "mixer_", "levit_")) and vitlab.models.is_vitlab_model(name):
+    from timm.models.levit import Levit
+    from timm.models.mlp_mixer import MlpMixer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, (VisionTransformer, MlpMixer, Levit)):
         # The same timm class and arguments, built by timm itself (no vitlab wrapper around it).
         return "timm", lambda: timm.create_model(name, **_img_size_override(name, model))
     if name.startswith("cct_"):
