@@ -219,8 +219,9 @@ class ConvAttentionResult:
         ax.imshow(canvas, cmap="viridis", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{self.kernel_size[0]}x{self.kernel_size[1]} convolution as {self.num_heads} heads "
-                     f"on {self.patch_size}x{self.patch_size} patches (max error {self.max_abs_error:.1e})")
+        ax.set_title(f"{self.kernel_size[0]}x{self.kernel_size[1]} conv = {self.num_heads} heads on "
+                     f"{self.patch_size}x{self.patch_size} patches\nmax |attention - conv| = {self.max_abs_error:.1e}",
+                     fontsize="small")
 
 
 @torch.no_grad()

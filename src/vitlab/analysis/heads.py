@@ -283,5 +283,5 @@ class HeadsResult:
         ax.set_xticklabels([str(c + 1) for c in range(n_heads)], fontsize="small")
         ax.set_xlabel("head")
         counts = self.counts()
-        ax.set_title(f"{self.model}: aligned attention (outline: blue local {counts['local']}, "
-                     f"orange offset-local {counts['offset-local']}, green global {counts['global']})", fontsize="small")
+        ax.set_title(f"{self.model}\noutlines: blue local {counts['local']}, orange offset-local "
+                     f"{counts['offset-local']}, green global {counts['global']}", fontsize="small")

@@ -108,5 +108,5 @@ class LocalisationResult:
         ax.figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="CKA with input patch")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{self.model} {self.layer}: token vs input patch "
-                     f"({100 * self.own_patch_rate():.0f}% most like their own patch)", fontsize="small")
+        ax.set_title(f"{self.model}, {self.layer}\n{100 * self.own_patch_rate():.0f}% of tokens most like their own "
+                     "patch", fontsize="small")

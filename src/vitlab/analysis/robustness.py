@@ -187,6 +187,8 @@ class RobustnessResult:
                        "shuffle": "shuffle grid (g x g patches)"}[test])
         if test == "shuffle":
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels)
+            ax.set_xticklabels([str(g) for g in levels])
         ax.set_title({"random": "random PatchDrop", "salient": "salient PatchDrop",
                       "non_salient": "non-salient PatchDrop", "shuffle": "patch shuffle"}[test]
                      + f" ({self.grid}x{self.grid} grid)" * (test != "shuffle"))

@@ -130,5 +130,5 @@ class SkipResult:
         ax.axhline(1.0, color="0.6", lw=0.8)
         ax.set_xlabel("block (depth)")
         ax.set_ylabel("||z|| / ||f(z)||")
-        ax.set_title(f"{self.model}: skip connection / branch norm ratio")
+        ax.set_title(f"{self.model}: ||z|| / ||f(z)||", fontsize="medium")
         ax.legend(fontsize="small")

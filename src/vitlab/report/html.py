@@ -250,9 +250,13 @@ def _draw_analysis(name: str, results: list[Any]) -> bytes:
         from ..analysis.shape_bias import plot_shape_bias
 
         return figure_png(lambda axes: plot_shape_bias(axes[0], results), width=7.0, height=1.0 + 0.7 * len(results))
-    if name in ("erf", "feature_visualisation", "attention_heads"):  # wide images: one row per model
+    if name == "erf":  # a strip of maps per model, one row each
         return figure_png(lambda axes: [r.plot(ax) for r, ax in zip(results, axes)], nrows=len(results),
-                          width=9.0, height=3.2 if name != "attention_heads" else 4.5)
+                          width=10.0, height=2.3)
+    if name in ("feature_visualisation", "attention_heads"):  # image grids: side by side, sized by their grids
+        rows = max(len(dict.fromkeys(r.layers)) for r in results)
+        return figure_png(lambda axes: [r.plot(ax) for r, ax in zip(results, axes)], ncols=len(results),
+                          width=4.5 if name == "attention_heads" else 3.5, height=1.0 + 0.8 * rows)
     return figure_png(lambda axes: [r.plot(ax) for r, ax in zip(results, axes)], ncols=len(results),
                       width=4.8, height=4.0)
 
