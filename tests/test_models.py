@@ -107,6 +107,8 @@ def test_image_size_not_divisible_by_patch_is_refused():
 def test_unknown_model_option_is_one_clear_line():
     with pytest.raises(VitlabError, match=r"does not take the option 'bogus_option'"):
         create_model("resnet18_cifar", bogus_option=3)
+    with pytest.raises(VitlabError, match=r"'mixer_s16_224' fixes 'num_blocks'.*pick another variant"):
+        create_model("mixer_s16_224", num_blocks=2)
 
 
 def test_public_api():

@@ -120,3 +120,16 @@ def test_every_analysis_runs_and_reaches_the_report(subjects, tmp_path):
     assert set(out.results) <= set(results)
     assert results["probes"][vit]["best"]["knn"]["layer"] in results["probes"][vit]["layers"]
     assert results["conv_attention"][cnn]["max_abs_error"] < 1e-5
+
+
+def test_analyses_on_stock_timm_models():
+    # timm's own ViT and Mixer classes, built by timm (not vitlab's registry), untrained, offline
+    subjects = [subject_from_name("deit_tiny_patch16_224", depth=3), subject_from_name("mixer_s16_224")]
+    g = torch.Generator().manual_seed(2)
+    loader = DataLoader(TensorDataset(torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)),
+                        batch_size=8)
+    out = run_analyses(subjects, loader, ["attention_heads", "skip_connections", "localisation"], progress=False)
+    heads = out.results["attention_heads"]["deit_tiny_patch16_224"]
+    assert heads.layers == ["block1", "block2", "block3"] and heads.aligned[0].shape == (3, 27, 27)
+    assert set(out.results["skip_connections"]) == {"deit_tiny_patch16_224", "mixer_s16_224"}
+    assert out.results["localisation"]["mixer_s16_224"].matrix.shape == (196, 196)

@@ -257,6 +257,8 @@ def run_analyses(
     if len(set(names)) != len(names):
         raise VitlabError(f"two models share the name {sorted(n for n in names if names.count(n) > 1)[0]}; "
                           "give each run its own directory name")
+    if "robustness" in analyses:
+        _check_grids(loader, options)
     out = AnalysisResults()
     streamed = [a for a in analyses if a in STREAMED]
     if streamed:
@@ -270,6 +272,18 @@ def run_analyses(
                                 init_subjects=init_subjects or {}, trained_on=trained_on or {})
             out.timings[analysis] = round(time.perf_counter() - started, 2)
     return out
+
+
+def _check_grids(loader: Iterable, options: AnalysisOptions) -> None:
+    """Refuse occlusion and shuffle grids that do not divide the images, before any work is done."""
+    for batch in loader:
+        h, w = (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[-2:]
+        for name, grids in (("--occlusion-grid", (options.occlusion_grid,)), ("shuffle grid", options.shuffle_grids)):
+            for g in grids:
+                if g < 1 or h % g or w % g:
+                    fits = ", ".join(str(d) for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0)
+                    raise VitlabError(f"{name} {g} does not divide the {h}x{w} analysis images; use one of {fits}")
+        return
 
 
 def _take(loader: Iterable, num_images: int) -> list:

@@ -54,6 +54,10 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         if "unexpected keyword argument" in str(e):
             bad = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
             raise VitlabError(f"model '{name}' does not take the option '{bad}'") from None
+        if "got multiple values for keyword argument" in str(e):
+            fixed = str(e).split("keyword argument")[-1].strip(" '\"")
+            raise VitlabError(f"model '{name}' fixes '{fixed}' (it is part of the variant's definition); "
+                              "pick another variant instead of overriding it") from None
         raise
     _check_patch_grid(name, model)
     _guard_input_size(name, model)
