@@ -167,3 +167,10 @@ def test_overwrite_never_deletes_a_run_being_analysed(tmp_path, capsys):
     code, _, err = run(["analyze", str(run_dir), "--out", str(tmp_path / "runs"), "--overwrite"] + FAST_DATA,
                        capsys)
     assert code == 2 and "would delete" in err and (run_dir / "model.safetensors").exists()
+
+
+def test_texture_mode_reaches_the_run_config(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert run(["train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--texture-mode", "match",
+                "--out", str(out_dir)] + FAST_DATA, capsys)[0] == 0
+    assert yaml.safe_load((out_dir / "config.yaml").read_text())["data"]["texture_mode"] == "match"

@@ -23,6 +23,9 @@ def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shap
     g.add_argument("--download", action="store_true", help="download CIFAR if missing (needs the network)")
     g.add_argument("--num-train", type=int, metavar="N", help=f"shapes: training images (default {base.num_train})")
     g.add_argument("--num-val", type=int, metavar="N", help=f"shapes: validation images (default {base.num_val})")
+    g.add_argument("--texture-mode", choices=["random", "match", "conflict"],
+                   help=f"shapes: how object texture relates to class (default {base.texture_mode}; 'match' makes "
+                        "both shape and texture predict the class, the training set for a shape-bias study)")
     g.add_argument("--num-workers", type=int, metavar="N",
                    help=f"data-loading worker processes (default {base.num_workers})")
     g.add_argument("--augment", choices=["crop-flip", "none"], help=f"augmentation preset (default {base.augment})")
@@ -32,7 +35,7 @@ def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shap
 def _data_overrides(args: argparse.Namespace) -> dict:
     return {"data.name": args.data, "data.image_size": args.image_size, "data.root": args.data_root,
             "data.download": args.download or None, "data.num_train": args.num_train,
-            "data.num_val": args.num_val, "data.num_workers": args.num_workers,
+            "data.num_val": args.num_val, "data.num_workers": args.num_workers, "data.texture_mode": args.texture_mode,
             "data.augment": args.augment, "data.randaugment": args.randaugment}
 
 
