@@ -85,7 +85,7 @@ class ConvTokenizer(nn.Module):
         self.stages = nn.Sequential(*[
             nn.Sequential(OrderedDict(
                 conv=nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
-                act=nn.ReLU(inplace=True),
+                act=nn.ReLU(),
                 pool=nn.MaxPool2d(3, stride=2, padding=1),
             ))
             for c_in, c_out in zip(chans[:-1], chans[1:])
@@ -132,8 +132,21 @@ class CCTBlock(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm2(x + self.drop_path(self.attn(self.norm1(x))))
+        x = self.norm2(x + self.drop_path(self._attention(self.norm1(x))))
         return x + self.drop_path(self.mlp(x))
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        # PyTorch's fused CPU attention kernel has no dropout, so training with CCT's attention
+        # dropout falls back to a generic path that is slower than timm's explicit softmax(q k^T) v
+        # (benchmarks/models.py: 0.92 -> 0.97 of vit-pytorch's training speed for CCT-2/3x2).
+        if attn.fused_attn and self.training and attn.attn_drop.p > 0 and x.device.type == "cpu":
+            attn.fused_attn = False
+            try:
+                return attn(x)
+            finally:
+                attn.fused_attn = True
+        return attn(x)
 
 
 # --- model class --------------------------------------------------------------------------------
@@ -237,7 +250,10 @@ class CCT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            # In place, as in the official code: the sum then writes through the tokenizer's
+            # (B, C, H, W) -> (B, H*W, C) view, so the gradient reaches the max-pool as an NCHW
+            # tensor and its backward does not first copy the feature map to channels-last.
+            x = x.add_(self.pos_embed)
         x = self.blocks(self.pos_drop(x))
         return self.norm(x)
 
