@@ -286,15 +286,23 @@ def _check_grids(loader: Iterable, options: AnalysisOptions) -> None:
         return
 
 
-def _take(loader: Iterable, num_images: int) -> list:
-    """The first batches of ``loader`` holding about ``num_images`` images (at least one batch)."""
-    batches, seen = [], 0
-    for batch in loader:
-        batches.append(batch)
-        seen += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
-        if seen >= num_images:
-            break
-    return batches
+class _Limited:
+    """The first batches of ``loader`` holding about ``num_images`` images (at least one batch).
+
+    Iterable again and again without keeping the batches, so memory does not grow with the
+    number of images (a list of them would hold a copy of the data).
+    """
+
+    def __init__(self, loader: Iterable, num_images: int) -> None:
+        self.loader, self.num_images = loader, num_images
+
+    def __iter__(self):
+        seen = 0
+        for batch in self.loader:
+            yield batch
+            seen += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+            if seen >= self.num_images:
+                return
 
 
 def _labelled(loader: Iterable, analysis: str) -> None:
@@ -315,7 +323,7 @@ def _probes(subjects, loader, options, out, progress, train_loader=None, **_) ->
         classes = getattr(s.model, "num_classes", 0)
         probes = LayerProbes(s.anatomy.layers, s.anatomy.prefix_tokens, max(classes, 2))
         layers = s.anatomy.layer_names
-        for phase, batches in (("train", _take(train_loader(), options.probe_images)), ("eval", loader)):
+        for phase, batches in (("train", _Limited(train_loader(), options.probe_images)), ("eval", loader)):
             labels_now: dict[str, torch.Tensor] = {}
             add = probes.add_train if phase == "train" else probes.add_eval
             with Capture(s.model, layers, lambda n, t: add(n, t, labels_now["y"])), torch.no_grad():
@@ -333,7 +341,7 @@ def _robustness(subjects, loader, options, out, progress, **_) -> None:
     from .subjects import load_subject
 
     _labelled(loader, "robustness")
-    batches = _take(loader, options.robustness_images)
+    batches = _Limited(loader, options.robustness_images)
     saliency = load_subject(options.saliency_model) if options.saliency_model else None
     for s in subjects:
         own = any(site.prefix_tokens > 0 for site in s.anatomy.attention)
@@ -380,7 +388,7 @@ def _feature_visualisation(subjects, loader, options, out, progress, **_) -> Non
 def _erf(subjects, loader, options, out, progress, **_) -> None:
     from .erf import effective_receptive_field
 
-    batches = _take(loader, options.erf_images)
+    batches = _Limited(loader, options.erf_images)
     for s in subjects:
         try:
             out.add("erf", s.name, effective_receptive_field(s.model, s.anatomy, batches, s.prepare,
