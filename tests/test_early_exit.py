@@ -224,7 +224,7 @@ def test_vitlab_train_runs(tmp_path):
     assert 0 <= result.val_acc <= 1
     # every exit trained: rebuild the run's initial weights (the trainer seeds before building the
     # model) and check that each branch moved away from them
-    from vitlab.train.trainer import seed_everything
+    from vitlab.data.sampling import seed_all as seed_everything
 
     seed_everything(cfg.seed)
     initial = vitlab.create_model(result.config.model, **result.config.model_args)

@@ -21,6 +21,10 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def newest(run_dir):
+    return sorted(run_dir.glob("state-*.pt"))[-1]
+
+
 def weights(run_dir):
     return load_file(str(run_dir / "model.safetensors"))
 
@@ -28,7 +32,9 @@ def weights(run_dir):
 def test_run_directory_contents(tmp_path):
     result = train(tiny_config(epochs=2), tmp_path / "run", progress=False)
     run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} >= {"config.yaml", "model.safetensors", "metrics.csv", "state.pt"}
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "model.safetensors", "metrics.csv", "init.safetensors"}
+    # 3 steps an epoch, a checkpoint at the end of each (the newest 3 are kept)
+    assert sorted(p.name for p in run.glob("state-*.pt")) == ["state-00000003.pt", "state-00000006.pt"]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s"} <= set(rows[0])
@@ -60,7 +66,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_after_a_kill_between_file_writes(tmp_path):
-    """Weights of an uncommitted epoch on disk (killed before state.pt was written) do not leak in."""
+    """Weights of an uncommitted epoch on disk (killed before its checkpoint was written) do not leak in."""
     train(tiny_config(), tmp_path / "full", progress=False)
     cut = train(tiny_config(), tmp_path / "cut", progress=False, stop_after_epoch=0)
     # what a kill right after writing the next epoch's weights leaves behind
@@ -92,7 +98,7 @@ def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     (tmp_path / "run" / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(VitlabError, match=r"checkpoint .* is corrupt"):
         load_weights(tmp_path / "run", result.model)
-    (tmp_path / "run" / "state.pt").write_bytes(b"not a zip")
+    newest(tmp_path / "run").write_bytes(b"not a zip")
     with pytest.raises(VitlabError, match=r"training state .* is corrupt"):
         train(tiny_config(), tmp_path / "run", resume=True, progress=False)
 
@@ -139,7 +145,7 @@ def test_a_model_that_does_not_build_leaves_no_run_behind(tmp_path):
 def test_state_of_another_model_is_one_clear_line(tmp_path):
     train(tiny_config(epochs=1), tmp_path / "run", progress=False, stop_after_epoch=0)
     train(tiny_config(epochs=1, model_args={"depth": 3}), tmp_path / "other", progress=False)
-    (tmp_path / "run" / "state.pt").write_bytes((tmp_path / "other" / "state.pt").read_bytes())
+    newest(tmp_path / "run").write_bytes(newest(tmp_path / "other").read_bytes())
     with pytest.raises(VitlabError, match=r"training state .* does not fit this run's model"):
         train(tiny_config(), tmp_path / "run", resume=True, progress=False)
 

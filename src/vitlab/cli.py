@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model and write a run directory",
                        description="Train one model. Writes config.yaml, model.safetensors, metrics.csv and "
-                                   "state.pt (for --resume) into the run directory.")
+                                   "the last checkpoints state-STEP.pt (for --resume) into the run directory. "
+                                   "Under torchrun (torchrun --nproc_per_node N -m vitlab train ...) every "
+                                   "process trains on its share of each batch.")
     t = TrainConfig()
     p.add_argument("--model", metavar="NAME", help=f"model name (see `vitlab models`; default {t.model})")
     p.add_argument("--config", metavar="YAML", help="recipe file; command-line options override its values")
@@ -86,8 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {t.drop_path})")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue RUN_DIR (or --out) from its newest checkpoint, e.g. after the run was killed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g = p.add_argument_group("checkpoints and speed")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help=f"also checkpoint every STEPS steps within an epoch (default {t.checkpoint_every}: epoch ends only)")
+    g.add_argument("--keep-checkpoints", type=int, metavar="K", help=f"checkpoints kept (default {t.keep_checkpoints})")
+    g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help=f"bf16 autocast, only where the CPU or GPU has it natively; auto picks it there (default {t.precision})")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--channels-last", choices=["auto", "on", "off"],
+                   help=f"channels-last memory layout; auto: for CNNs (default {t.channels_last})")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"(default {t.device}: this rank's GPU if any)")
     _add_data_args(p, t.data, default=None)
     p.set_defaults(func=_cmd_train)
 
@@ -174,6 +187,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result) -> None:
+    from . import distributed
+
+    if not distributed.current().is_main:  # under torchrun rank 0 speaks for all
+        return
     for s in result.subjects:
         acc = f"val acc {100 * s.val_acc:.1f}%" if s.val_acc is not None else s.source
         print(f"  {s.name:<28} {s.params:>12,} params  {acc}")
@@ -186,18 +203,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, load_config, train
     from .train.rundir import read_config
 
+    if isinstance(args.resume, str):
+        if args.out and Path(args.out) != Path(args.resume):
+            raise VitlabError(f"--resume {args.resume} and --out {args.out} name different runs; give one of them")
+        args.out = args.resume
     if args.resume:
         if not args.out:
-            raise VitlabError("--resume needs the run directory: vitlab train --resume --out RUN_DIR")
+            raise VitlabError("--resume needs the run directory: vitlab train --resume RUN_DIR")
         cfg = read_config(args.out)
     else:
         cfg = load_config(args.config) if args.config else TrainConfig()
         overrides = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                      "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
                      "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
-                     **_data_overrides(args)}
+                     "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
+                     "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+                     "device": args.device, **_data_overrides(args)}
         cfg = cfg.merged(overrides)
-    result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    result = train(cfg, args.out, resume=bool(args.resume), overwrite=args.overwrite)
+    from . import distributed
+
+    if not distributed.current().is_main:
+        return 0
     print(f"{cfg.model}: val acc {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
           f"({result.train_time_s:.0f} s of training)")
     print(f"run: {result.run_dir}")
@@ -246,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = {"train": "; finished epochs are saved: resume with vitlab train --resume --out RUN_DIR",
+        hint = {"train": "; the last checkpoint is saved: resume with vitlab train --resume RUN_DIR",
                 "compare": "; finished epochs are saved: resume with vitlab compare --resume --out DIR"}
         print(f"vitlab: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130

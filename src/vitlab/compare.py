@@ -17,6 +17,7 @@ from typing import Sequence
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .analysis.subjects import Subject, load_subject, subject_from_run
 from .analysis.suite import ANALYSES, AnalysisOptions, AnalysisResults, check_analyses, run_analyses
 from .data import DataConfig, build_dataset
@@ -219,12 +220,18 @@ def analyze(
     if not specs:
         raise VitlabError("name at least one run directory or model to analyse")
     check_analyses(analyses)
+    world = distributed.setup("cpu")  # under torchrun: the streamed analyses split the batches (gloo)
     data = data or default_data()
     out_dir = Path(out) if out else Path("runs") / f"analyze-{datetime.now():%Y%m%d-%H%M%S}"
+    out_dir = Path(distributed.broadcast_object(str(out_dir)))
     runs = [Path(spec) for spec in specs if Path(spec).is_dir()]
-    _clear_out_dir(out_dir, overwrite, "pass --overwrite to replace it or choose another with --out", keep=runs)
+    if world.is_main:
+        _clear_out_dir(out_dir, overwrite, "pass --overwrite to replace it or choose another with --out", keep=runs)
     subjects = [load_subject(spec, pretrained=pretrained) for spec in specs]
-    analysis = _analyse(subjects, data, analyses, analysis_images, analysis_batch_size, seed, progress, options)
+    analysis = _analyse(subjects, data, analyses, analysis_images, analysis_batch_size, seed,
+                        progress and world.is_main, options)
+    if not world.is_main:  # rank 0 alone writes the report
+        return CompareResult(out_dir, out_dir / "report.html", subjects, analysis, {})
     timings = {"total": round(time.perf_counter() - started, 1)}
     meta = ReportMeta(title="vitlab analyze: " + ", ".join(s.name for s in subjects), data=data.name,
                       command=command, timings=timings)

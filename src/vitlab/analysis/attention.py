@@ -231,6 +231,12 @@ class AttentionDistance:
             self.distance_sums[layer] += sums.to(self.distance_sums[layer].device)
             self.query_counts[layer] += count
 
+    def all_reduce(self) -> None:
+        """Add up the running sums of every process (under torchrun; a no-op otherwise)."""
+        from ..distributed import all_reduce_fields
+
+        all_reduce_fields(self, ("distance_sums", "query_counts"))
+
     def reset(self) -> None:
         """Forget everything added so far."""
         self.distance_sums.clear()

@@ -444,6 +444,12 @@ class MinibatchCKA:
                     self.add(side, layer, feats[layer])
         self.end_batch()
 
+    def all_reduce(self) -> None:
+        """Add up the running sums of every process (under torchrun; a no-op otherwise)."""
+        from ..distributed import all_reduce_fields
+
+        all_reduce_fields(self, ("hsic_ab", "hsic_aa", "hsic_bb", "num_batches"))
+
     def compute(self) -> Tensor:
         """CKA matrix from the running sums: float64 CPU tensor ``(len(layers_a), len(layers_b))``.
 

@@ -214,6 +214,12 @@ class AttentionHeads:
         else:
             self.canvas[layer], self.entropy[layer], self.counts[layer] = canvas, entropy, count
 
+    def all_reduce(self) -> None:
+        """Add up the running sums of every process (under torchrun; a no-op otherwise)."""
+        from ..distributed import all_reduce_fields
+
+        all_reduce_fields(self, ("canvas", "entropy", "counts"))
+
     def compute(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer: (aligned maps (heads, 2g-1, 2g-1), entropy (heads,))}`` on the CPU, first-seen order."""
         return {layer: ((self.canvas[layer] / n).cpu(), (self.entropy[layer] / n).cpu())

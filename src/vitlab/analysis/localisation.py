@@ -70,6 +70,10 @@ class Localisation:
             self.cka.add(1, name, patches[:, i])
         self.cka.end_batch()
 
+    def all_reduce(self) -> None:
+        """Add up the running sums of every process (under torchrun; a no-op otherwise)."""
+        self.cka.all_reduce()
+
     def result(self, model: str, layer: str) -> LocalisationResult:
         return LocalisationResult(model, layer, self.grid, self.cka.compute().numpy())
 

@@ -89,6 +89,12 @@ class SkipRatios:
         self.spatial_sum[index] += ratio[:, p:].sum()
         self.spatial_count[index] += ratio[:, p:].numel()
 
+    def all_reduce(self) -> None:
+        """Add up the running sums of every process (under torchrun; a no-op otherwise)."""
+        from ..distributed import all_reduce_fields
+
+        all_reduce_fields(self, ("prefix_sum", "prefix_count", "spatial_sum", "spatial_count"))
+
     def result(self, model: str) -> SkipResult:
         if not self.spatial_count.any():
             raise VitlabError("no forward pass seen; run the model inside Hooks(model, ratios.hooks())")

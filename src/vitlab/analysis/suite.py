@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed
+from ..distributed import World, all_reduce_sum
 from ..errors import VitlabError, unknown_name_error
 from .attention import AttentionDistance, AttentionDistanceResult
 from .capture import Capture, Hooks
@@ -126,7 +128,7 @@ def _localisation_layer(subject: Subject, label: str | None) -> tuple[str, str] 
 
 @torch.inference_mode()
 def _streamed_pass(subjects: Sequence[Subject], loader: Iterable, analyses: Sequence[str], options: AnalysisOptions,
-                   out: AnalysisResults, progress: bool, total: int | None) -> None:
+                   out: AnalysisResults, progress: bool, total: int | None, world: World) -> None:
     cka = None
     if "cka" in analyses:
         cka = MinibatchCKA([f"{i}:{layer.name}" for i, s in enumerate(subjects) for layer in s.anatomy.layers])
@@ -197,9 +199,12 @@ def _streamed_pass(subjects: Sequence[Subject], loader: Iterable, analyses: Sequ
             ))
             if i in skips:
                 stack.enter_context(Hooks(s.model, skips[i].hooks()))
-        bar = tqdm(loader, desc=f"analysing ({', '.join(a for a in analyses if a in STREAMED)})", total=total,
+        mine = total if total is None else len(range(world.rank, total, world.world_size))
+        bar = tqdm(loader, desc=f"analysing ({', '.join(a for a in analyses if a in STREAMED)})", total=mine,
                    disable=not progress, unit="batch", leave=False)
-        for batch in bar:
+        for k, batch in enumerate(bar):
+            if k % world.world_size != world.rank:  # under torchrun every process takes every world_size-th batch
+                continue
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             for i, s in enumerate(subjects):
                 prepared = s.prepare(images)
@@ -210,6 +215,14 @@ def _streamed_pass(subjects: Sequence[Subject], loader: Iterable, analyses: Sequ
                 cka.end_batch()
             out.num_images += images.shape[0]
 
+    # Every accumulator holds sums only: adding up the processes' sums equals one process fed every batch.
+    count = torch.tensor([out.num_images])
+    all_reduce_sum(count)
+    out.num_images = int(count.item())
+    for accumulator in [cka, *(a for d in (*distances.values(), *heads.values()) for a in d.values()),
+                        *skips.values(), *(loc for loc, _, _ in localisers.values())]:
+        if accumulator is not None:
+            accumulator.all_reduce()
     if cka is not None:
         matrix = cka.compute().numpy()
         offsets = [0]
@@ -242,6 +255,7 @@ def run_analyses(
     train_loader: Callable[[], Iterable] | None = None,
     init_subjects: dict[str, Subject] | None = None,
     trained_on: dict[str, str] | None = None,
+    world: World | None = None,
 ) -> AnalysisResults:
     """Run ``analyses`` on every subject over ``loader`` (images in [0, 1] and labels, equal batch sizes).
 
@@ -250,7 +264,12 @@ def run_analyses(
     training images for the probes; ``init_subjects`` maps a subject's name to the same model at
     initialisation (feature reuse); ``trained_on`` names each subject's training data for the
     shape-bias figure. Analyses that do not apply are noted, not failed.
+
+    Under torchrun (``world`` of several processes) the streamed analyses split the batches
+    between the processes and add up their sums; the analyses with passes of their own then run
+    on rank 0 alone, and the other ranks return after the streamed pass.
     """
+    world = world or distributed.current()
     analyses = check_analyses(analyses)
     options = options or AnalysisOptions()
     names = [s.name for s in subjects]
@@ -263,8 +282,13 @@ def run_analyses(
     streamed = [a for a in analyses if a in STREAMED]
     if streamed:
         started = time.perf_counter()
-        _streamed_pass(subjects, loader, streamed, options, out, progress, total)
+        if world.distributed and total is not None and total < world.world_size:
+            raise VitlabError(f"{total} analysis batches cannot be split over {world.world_size} processes; "
+                              "pass more --analysis-images or start fewer processes")
+        _streamed_pass(subjects, loader, streamed, options, out, progress and world.is_main, total, world)
         out.timings["streamed pass"] = round(time.perf_counter() - started, 2)
+    if not world.is_main:
+        return out
     for analysis in analyses:
         if analysis not in STREAMED:
             started = time.perf_counter()

@@ -43,6 +43,17 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     eval_batch_size: int = 256
+    #: Also checkpoint every this many steps within an epoch (0: at the end of every epoch only),
+    #: keeping the newest ``keep_checkpoints``; a killed run resumes from the newest.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    #: ``fp32``, ``bf16`` (autocast; refused where bf16 is not native) or ``auto`` (bf16 where native).
+    precision: str = "fp32"
+    #: torch.compile the model; channels-last memory layout: ``auto`` (CNNs), ``on`` or ``off``.
+    compile: bool = False
+    channels_last: str = "off"
+    #: ``auto`` (this rank's GPU if there is one), ``cpu`` or ``cuda``.
+    device: str = "auto"
 
     def validate(self) -> None:
         """Refuse values that cannot work, with a message naming the fix (before any work starts)."""
@@ -57,6 +68,11 @@ class TrainConfig:
             (self.lr > 0, f"learning rate must be positive, not {self.lr}"),
             (self.warmup_epochs >= 0, f"warm-up must be non-negative, not {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be 0 or a number of steps, not {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),
+            (self.precision in ("fp32", "bf16", "auto"), f"precision must be fp32, bf16 or auto, not '{self.precision}'"),
+            (self.channels_last in ("auto", "on", "off"), f"channels_last must be auto, on or off, not '{self.channels_last}'"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not '{self.device}'"),
         ]
         for ok, message in checks:
             if not ok:

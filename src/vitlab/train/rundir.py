@@ -2,10 +2,11 @@
 
 ``runs/NAME/`` holds ``config.yaml`` (enough to rebuild the model and the data),
 ``model.safetensors`` (the weights), ``init.safetensors`` (the weights before training, for
-feature-reuse analyses), ``metrics.csv`` (one row per epoch), ``state.pt`` (what
-resuming needs: epoch, weights, optimizer state and metrics, in one file so that they always
-agree) and, later, analysis outputs. Every file is written atomically: a run killed mid-write
-keeps the previous complete file.
+feature-reuse analyses), ``metrics.csv`` (one row per epoch), ``state-<step>.pt`` (the last few
+checkpoints: what resuming needs, i.e. position, weights, optimizer state, metrics and the
+running sums of the unfinished epoch, in one file so that they always agree) and, later,
+analysis outputs. Every file is written atomically (temporary file, flush, fsync, rename): a
+run killed mid-write keeps the previous complete file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import csv
 import io
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from ..errors import VitlabError
 from .config import TrainConfig, dump_config, load_config
 
-CONFIG, WEIGHTS, METRICS, STATE = "config.yaml", "model.safetensors", "metrics.csv", "state.pt"
+CONFIG, WEIGHTS, METRICS = "config.yaml", "model.safetensors", "metrics.csv"
+#: Checkpoints are ``state-<global step>.pt``; ``state.pt`` is what runs of vitlab 0.1 wrote.
+STATE_PATTERN, LEGACY_STATE = "state-*.pt", "state.pt"
 #: The weights before the first step, for analyses of what training changed (feature reuse).
 INIT_WEIGHTS = "init.safetensors"
 
@@ -111,39 +115,73 @@ def load_weights(run_dir: Path, model: nn.Module, name: str = WEIGHTS) -> None:
                           "was config.yaml edited?") from None
 
 
-def save_state(run_dir: Path, state: dict[str, Any]) -> None:
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"state-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest (highest step) first; a legacy ``state.pt`` comes last."""
+    found = sorted(Path(run_dir).glob(STATE_PATTERN), reverse=True)
+    legacy = Path(run_dir) / LEGACY_STATE
+    return found + ([legacy] if legacy.exists() else [])
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int = 3) -> Path:
+    """Write the checkpoint of global step ``step`` atomically, then delete all but the newest ``keep``."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(Path(run_dir) / STATE, buffer.getvalue())
+    path = checkpoint_path(run_dir, step)
+    atomic_write_bytes(path, buffer.getvalue())
+    for old in sorted(Path(run_dir).glob(STATE_PATTERN), reverse=True)[max(keep, 1):]:
+        old.unlink(missing_ok=True)
+    return path
 
 
-def load_state(run_dir: Path) -> dict[str, Any] | None:
-    """The resumable training state, or ``None`` when the run has not finished an epoch yet."""
-    path = Path(run_dir) / STATE
-    if not path.exists():
-        return None
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """One checkpoint, loaded without unpickling code (``weights_only``); damage gets one clear line."""
     try:
-        # weights_only: a state file holds tensors and plain containers, never arbitrary objects.
+        # weights_only: a checkpoint holds tensors and plain containers, never arbitrary objects.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickle, zip and EOF errors all mean "damaged")
-        raise VitlabError(f"training state '{path}' is corrupt ({type(e).__name__}); "
+        raise VitlabError(f"training state '{path}' is corrupt or not vitlab's ({type(e).__name__}); "
                           "restart the run with --overwrite") from None
 
 
-def restore_state(run_dir: Path, state: dict[str, Any], model: nn.Module,
-                  optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]]:
-    """Load a :func:`load_state` dict into ``model`` and ``optimizer``; returns (next epoch, metrics).
+def load_state(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that loads, or ``None`` when the run has none yet.
 
-    A state file that does not fit the run's model (config.yaml edited, another run's state.pt
+    A damaged newest file (a disk that lost its last write) falls back to the one before it,
+    with a warning, so a run loses at most one checkpoint interval more.
+    """
+    paths = list_checkpoints(run_dir)
+    for i, path in enumerate(paths):
+        try:
+            state = load_checkpoint_file(path)
+        except VitlabError:
+            if i + 1 < len(paths):
+                warnings.warn(f"checkpoint '{path}' is damaged; resuming from '{paths[i + 1].name}'", stacklevel=2)
+                continue
+            raise
+        if path.name == LEGACY_STATE:  # epoch checkpoints of vitlab 0.1: the next position is the next epoch
+            state.setdefault("position", {"epoch": int(state["epoch"]) + 1, "step": 0})
+        state["path"] = str(path)
+        return state
+    return None
+
+
+def restore_state(run_dir: Path, state: dict[str, Any], model: nn.Module,
+                  optimizer: torch.optim.Optimizer) -> None:
+    """Load a :func:`load_state` dict into ``model`` and ``optimizer``.
+
+    A checkpoint that does not fit the run's model (config.yaml edited, another run's state
     copied in) gets one clear line instead of a size-mismatch trace.
     """
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        return int(state["epoch"]) + 1, list(state["metrics"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         detail = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-        raise VitlabError(f"training state '{Path(run_dir) / STATE}' does not fit this run's model ({detail}); "
+        raise VitlabError(f"training state '{state.get('path', run_dir)}' does not fit this run's model ({detail}); "
                           "was config.yaml edited? restart the run with --overwrite") from None
 
 

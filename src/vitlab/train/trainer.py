@@ -1,35 +1,40 @@
 """The training loop: AdamW, warm-up + cosine (timm's), label smoothing, evaluation every epoch.
 
 Read it from top to bottom: :func:`train` builds the data, the model and the optimizer, then
-runs the epochs. Determinism: everything random in epoch ``e`` (shuffling, augmentation,
-dropout) is seeded from ``(seed, e)`` at the start of the epoch, so a run resumed at an epoch
-boundary replays exactly what the uninterrupted run would have done.
+runs the steps. Determinism: the order and augmentation of every sample come from
+``(seed, epoch, position)`` (:mod:`vitlab.data.sampling`) and the RNG of every step (dropout,
+stochastic depth) from ``(seed, step)``, so nothing random has state to save: a run resumed
+from any checkpoint, mid-epoch included, replays exactly what the uninterrupted run did.
+
+Under ``torchrun`` every process takes its share of each global batch, DDP averages the
+gradients, and rank 0 alone writes the run directory and shows progress.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import DatasetInfo, build_dataset
+from ..data.sampling import SeededBatches, SeededDataset, mix_seed, seed_all
 from ..errors import VitlabError
 from ..models import count_parameters, create_model
-from . import rundir
+from . import accel, rundir
 from .config import TrainConfig
 
 
@@ -58,22 +63,6 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.model}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of everything random in one epoch (an odd multiplier spreads nearby seeds apart)."""
-    return (seed * 1_000_003 + epoch * 7919 + 1) % (2**63)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker's torch RNG and `random`; numpy (used by some augmentations) too.
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
 def model_args_for(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     """The keyword arguments that build the run's model: classes and image size from the data."""
     args: dict[str, Any] = {"num_classes": info.num_classes}
@@ -85,6 +74,21 @@ def model_args_for(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     return {**args, **cfg.model_args}  # explicit model_args win
 
 
+@dataclass
+class EpochSums:
+    """Running sums of the unfinished epoch (saved in mid-epoch checkpoints)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    seconds: float = 0.0
+
+    def reduced(self) -> "EpochSums":
+        """The sums over every process (this process's for a world of one)."""
+        t = distributed.all_reduce_sum(torch.tensor([self.loss, self.correct, self.seen], dtype=torch.float64))
+        return EpochSums(*t.tolist(), seconds=self.seconds)
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path | None = None,
@@ -92,43 +96,53 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    stop_after_step: int | None = None,
     stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` and write a run directory; returns the trained model.
 
-    ``resume`` continues the run in ``out`` from its last finished epoch (using the saved
-    config); ``overwrite`` replaces it. ``stop_after_epoch`` ends the run early, as if it had
-    been interrupted (used to test that resuming is exact).
+    ``resume`` continues the run in ``out`` from its newest checkpoint (using the saved
+    config); ``overwrite`` replaces it. ``stop_after_step`` (a global step count) and
+    ``stop_after_epoch`` (0-based) end the run early, as if it had been killed right after that
+    step's or epoch's checkpoint (used to test that resuming is exact).
     """
     cfg.validate()
-    run_dir = rundir.prepare_run_dir(Path(out) if out else default_run_dir(cfg), resume, overwrite)
+    world = distributed.setup(cfg.device)
+    path = Path(out) if out else default_run_dir(cfg)
+    if world.distributed:  # every rank must use the directory rank 0 named (timestamps differ)
+        path = Path(distributed.broadcast_object(str(path)))
+    if world.is_main:
+        rundir.prepare_run_dir(path, resume, overwrite)
+    distributed.barrier()
+    run_dir = path
     if resume:
         cfg = rundir.read_config(run_dir)  # the run's own config wins over anything passed
+    show = progress and world.is_main
 
     # --- data ---------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
-    train_set, info = build_dataset(cfg.data, "train", seed=cfg.seed, progress=progress)
-    val_set, _ = build_dataset(cfg.data, "val", seed=cfg.seed, progress=progress)
-    if len(train_set) < cfg.batch_size:
-        raise VitlabError(f"the training split has {len(train_set)} images, fewer than one batch of "
-                          f"{cfg.batch_size}; lower --batch-size")
-    shuffle_gen = torch.Generator()
-    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                   worker_init_fn=_seed_worker)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
-                              generator=shuffle_gen, **workers)
-    val_loader = DataLoader(val_set, cfg.eval_batch_size, shuffle=False, **workers)
+    train_set, info = build_dataset(cfg.data, "train", seed=cfg.seed, progress=show)
+    val_set, _ = build_dataset(cfg.data, "val", seed=cfg.seed, progress=show)
+    batches = SeededBatches(len(train_set), cfg.batch_size, cfg.seed, rank=world.rank, world_size=world.world_size)
+    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    train_loader = DataLoader(SeededDataset(train_set), batch_sampler=batches, **workers)
+    # Every rank evaluates every world_size-th image; the sums are added up, nothing is padded in.
+    val_shard = Subset(val_set, range(world.rank, len(val_set), world.world_size))
+    val_loader = DataLoader(val_shard, cfg.eval_batch_size, shuffle=False, **workers)
 
     # --- model, optimizer, schedule -------------------------------------------------------------
     if not resume:
         # Saved resolved (classes, image size), so the run rebuilds its model without the data.
         cfg = dataclasses.replace(cfg, model_args=model_args_for(cfg, info))
+    seed_all(cfg.seed)  # the initialisation
     model = create_model(cfg.model, **cfg.model_args)
-    if not resume:  # only once the model builds: a bad option must not leave a half-made run behind
+    if not resume and world.is_main:  # only once the model builds: a bad option must not leave a half-made run
         rundir.save_config(run_dir, cfg)
         rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
+    precision = accel.resolve_precision(cfg.precision, world.device)
+    channels_last = accel.use_channels_last(cfg.channels_last, model)
+    model.to(world.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = batches.steps_per_epoch
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=cfg.epochs * steps_per_epoch,
@@ -140,83 +154,128 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     # --- resume --------------------------------------------------------------------------------
-    # state.pt is the one commit point of an epoch: weights, optimizer and metrics together, so
-    # a run killed between two file writes resumes from a consistent epoch. No RNG state is
-    # needed: every epoch reseeds from (seed, epoch).
-    start_epoch, metrics = 0, []
+    # A checkpoint is the one commit point: position, weights, optimizer, metrics and the
+    # unfinished epoch's sums together, so a run killed between two file writes resumes from a
+    # consistent state. No RNG state is needed (see the module docstring).
+    epoch, step, metrics, sums = 0, 0, [], EpochSums()
     state = rundir.load_state(run_dir) if resume else None
     if state is not None:
-        start_epoch, metrics = rundir.restore_state(run_dir, state, model, optimizer)
-    elapsed = metrics[-1]["time_s"] if metrics else 0.0
+        rundir.restore_state(run_dir, state, model, optimizer)
+        epoch, step = state["position"]["epoch"], state["position"]["step"]
+        metrics, sums = list(state["metrics"]), EpochSums(**state.get("sums", {}))
     params = count_parameters(model)
+    elapsed = metrics[-1]["time_s"] if metrics else 0.0
+    net = DistributedDataParallel(model) if world.distributed else model
+    net = accel.compile_model(net) if cfg.compile else net
 
-    # --- epochs -------------------------------------------------------------------------------
+    def checkpoint(next_epoch: int, next_step: int, sums: EpochSums) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never commit broken weights
+            raise VitlabError(f"the weights became NaN or infinite at step {global_step}; lower --lr or raise "
+                              "--warmup-epochs (the last good checkpoint is kept)")
+        if world.is_main:
+            rundir.save_checkpoint(run_dir, {
+                "position": {"epoch": next_epoch, "step": next_step}, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "metrics": metrics, "sums": dataclasses.asdict(sums),
+                "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.keep_checkpoints)
+        distributed.barrier()
+
+    # --- steps --------------------------------------------------------------------------------
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch + 1)
-    for epoch in range(start_epoch, last_epoch):
-        seed = epoch_seed(cfg.seed, epoch)
-        shuffle_gen.manual_seed(seed)
-        seed_everything(seed + 1)
+    global_step = epoch * steps_per_epoch + step
+    for epoch in range(epoch, last_epoch):
+        batches.set_epoch(epoch, start_step=step)
+        net.train()
+        bar = tqdm(train_loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", disable=not show,
+                   leave=False, unit="batch", dynamic_ncols=True, initial=step, total=steps_per_epoch)
         started = time.perf_counter()
-        model.train()
-        loss_sum = correct = seen = 0.0
-        bar = tqdm(train_loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, unit="batch", dynamic_ncols=True)
-        for step, (images, labels) in enumerate(bar):
-            scheduler.step_update(epoch * steps_per_epoch + step)
-            outputs = model(images)
-            # Models with several heads (early exits) return a list, final head last: every head
-            # learns from the labels, and accuracy is the final head's.
-            heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-            logits = heads[-1]
-            loss = sum(loss_fn(head, labels) for head in heads)
-            if not torch.isfinite(loss):
-                raise VitlabError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
-                                  "lower --lr or raise --warmup-epochs (the last finished epoch is saved)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+        for step, (images, labels) in enumerate(bar, start=step):
+            if stop_after_step is not None and global_step >= stop_after_step:
+                return TrainResult(run_dir, model, cfg, info, metrics)  # "killed" right after a checkpoint
+            scheduler.step_update(global_step)
+            seed_all(mix_seed(cfg.seed, global_step, world.rank))  # dropout and stochastic depth of this step
+            images, labels = images.to(world.device, non_blocking=True), labels.to(world.device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            try:
+                with accel.autocast(precision, world.device):
+                    outputs = net(images)
+                    # Models with several heads (early exits) return a list, final head last: every
+                    # head learns from the labels, and accuracy is the final head's.
+                    heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+                    loss = sum(loss_fn(head.float(), labels) for head in heads)
+                if not torch.isfinite(loss):
+                    raise VitlabError(f"loss became {loss.item()} at step {global_step} (epoch {epoch + 1}); lower "
+                                      "--lr or raise --warmup-epochs (the last good checkpoint is kept)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                raise out_of_memory_error(e, cfg.batch_size // world.world_size, global_step) from None
+            global_step += 1
 
             n = labels.shape[0]
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += n
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+            sums.loss += loss.item() * n
+            sums.correct += (heads[-1].argmax(1) == labels).sum().item()
+            sums.seen += n
+            bar.set_postfix(loss=f"{sums.loss / sums.seen:.3f}", acc=f"{sums.correct / sums.seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
-        train_time = time.perf_counter() - started
-        elapsed += train_time
-        val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=progress)
-        metrics.append(dict(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, lr=optimizer.param_groups[0]["lr"],
-                            train_loss=loss_sum / seen, train_acc=correct / seen, val_loss=val_loss,
-                            val_acc=val_acc, time_s=round(elapsed, 3),
-                            images_per_s=round(seen / train_time, 1)))
-        if progress:
-            tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / seen:.3f} "
-                       f"acc {correct / seen:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
-                       f"{seen / train_time:.0f} img/s")
-        # The user-facing files first, then the state that commits the epoch.
-        rundir.save_weights(run_dir, model)
-        rundir.write_metrics(run_dir, metrics)
-        rundir.save_state(run_dir, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "metrics": metrics, "params": params, "torch_version": str(torch.__version__)})
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                sums.seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                checkpoint(epoch, step + 1, sums)
+        sums.seconds += time.perf_counter() - started
+        elapsed += sums.seconds
+        total = sums.reduced()
+        val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=show, precision=precision, device=world.device)
+        metrics.append(dict(epoch=epoch + 1, step=global_step, lr=optimizer.param_groups[0]["lr"],
+                            train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
+                            val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
+                            images_per_s=round(total.seen / max(sums.seconds, 1e-9), 1)))
+        if show:
+            m = metrics[-1]
+            tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
+                       f"acc {m['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
+                       f"{m['images_per_s']:.0f} img/s")
+        # The user-facing files first, then the checkpoint that commits the epoch.
+        if world.is_main:
+            rundir.save_weights(run_dir, model)
+            rundir.write_metrics(run_dir, metrics)
+        step, sums = 0, EpochSums()
+        checkpoint(epoch + 1, 0, sums)
     return TrainResult(run_dir, model, cfg, info, metrics)
 
 
+def out_of_memory_error(error: BaseException, batch_size: int, step: int) -> BaseException:
+    """A one-line :class:`VitlabError` with advice for an allocator failure; any other error unchanged."""
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or "out of memory" in text
+            or "can't allocate memory" in text or "not enough memory" in text):
+        return error
+    return VitlabError(f"out of memory at step {step} with {batch_size} images per batch; lower --batch-size "
+                       f"(e.g. {max(batch_size // 2, 1)}), use --precision bf16, or a smaller --image-size "
+                       "(the last checkpoint is kept: --resume continues)")
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = None,
-             progress: bool = False) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = None, progress: bool = False,
+             precision: str = "fp32", device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (over every process's shard under torchrun)."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    device = torch.device(device)
     was_training = model.training
     model.eval()
-    loss_sum = correct = seen = 0.0
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
     for images, labels in tqdm(loader, desc="evaluating", disable=not progress, leave=False, unit="batch"):
-        logits = model(images)
-        loss_sum += loss_fn(logits, labels).item() * labels.shape[0]
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.shape[0]
+        images, labels = images.to(device), labels.to(device)
+        with accel.autocast(precision, device):
+            outputs = model(images)
+        logits = (outputs[-1] if isinstance(outputs, (list, tuple)) else outputs).float()
+        sums += torch.tensor([loss_fn(logits, labels).item() * labels.shape[0],
+                              (logits.argmax(1) == labels).sum().item(), labels.shape[0]], dtype=torch.float64)
     model.train(was_training)
+    loss_sum, correct, seen = distributed.all_reduce_sum(sums).tolist()
     if seen == 0:
         return math.nan, math.nan
     return loss_sum / seen, correct / seen
