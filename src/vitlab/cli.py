@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue RUN_DIR (or --out) from its newest checkpoint, e.g. after the run was killed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--init-weights", metavar="FILE",
+                   help="start from these weights (e.g. a timm .safetensors checkpoint), matched by name")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --init-weights to be a pickle (.pt/.pth), which can run code: only for trusted files")
     g = p.add_argument_group("checkpoints and speed")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                    help=f"also checkpoint every STEPS steps within an epoch (default {t.checkpoint_every}: epoch ends only)")
@@ -107,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="analyse run directories or models by name and write a report",
                        description="Analyse trained runs (run directories) and/or registered models by name "
                                    "(untrained, or timm-pretrained with --pretrained) on one data set.")
-    p.add_argument("subjects", nargs="+", metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("subjects", nargs="+", metavar="RUN_DIR_OR_MODEL",
+                   help="run directories, model names, or MODEL@FILE: a model with the weights in FILE")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for model names")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow MODEL@FILE to name a pickle (.pt/.pth), which can run code: only for trusted files")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/analyze-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--seed", type=int, default=0)
@@ -178,7 +185,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .compare import analyze, default_data
 
     result = analyze(args.subjects, data=_data_config(args, default_data()), out=args.out,
-                     pretrained=args.pretrained, analyses=_split(args.analyses),
+                     pretrained=args.pretrained, allow_pickle=args.trust_pickle, analyses=_split(args.analyses),
                      analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
                      seed=args.seed, command=_command_line(), overwrite=args.overwrite,
                      options=_analysis_options(args))
@@ -218,9 +225,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
                      "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
                      "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
-                     "device": args.device, **_data_overrides(args)}
+                     "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
         cfg = cfg.merged(overrides)
-    result = train(cfg, args.out, resume=bool(args.resume), overwrite=args.overwrite)
+    result = train(cfg, args.out, resume=bool(args.resume), overwrite=args.overwrite, allow_pickle=args.trust_pickle)
     from . import distributed
 
     if not distributed.current().is_main:

@@ -207,12 +207,15 @@ def analyze(
     analysis_images: int = 2048,
     analysis_batch_size: int = 256,
     seed: int = 0,
+    allow_pickle: bool = False,
     progress: bool = True,
     command: str = "",
     overwrite: bool = False,
     options: AnalysisOptions | None = None,
 ) -> CompareResult:
-    """Analyse run directories or model names (``specs``) on ``data`` and write the report.
+    """Analyse run directories, model names or ``MODEL@FILE`` (``specs``) on ``data`` and write the report.
+
+    ``MODEL@FILE`` loads the weights in FILE (safetensors; a pickle only with ``allow_pickle``).
 
     ``overwrite`` replaces an existing ``out`` (refused when it holds one of the analysed runs).
     """
@@ -227,7 +230,7 @@ def analyze(
     runs = [Path(spec) for spec in specs if Path(spec).is_dir()]
     if world.is_main:
         _clear_out_dir(out_dir, overwrite, "pass --overwrite to replace it or choose another with --out", keep=runs)
-    subjects = [load_subject(spec, pretrained=pretrained) for spec in specs]
+    subjects = [load_subject(spec, pretrained=pretrained, allow_pickle=allow_pickle) for spec in specs]
     analysis = _analyse(subjects, data, analyses, analysis_images, analysis_batch_size, seed,
                         progress and world.is_main, options)
     if not world.is_main:  # rank 0 alone writes the report

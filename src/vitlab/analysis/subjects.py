@@ -104,11 +104,24 @@ def subject_from_name(model_name: str, pretrained: bool = False, **overrides) ->
     )
 
 
-def load_subject(spec: str, pretrained: bool = False) -> Subject:
-    """A run directory (if ``spec`` is one) or else a registered model name."""
+def load_subject(spec: str, pretrained: bool = False, allow_pickle: bool = False) -> Subject:
+    """A run directory (if ``spec`` is one), ``MODEL@FILE`` (a model with the weights in FILE),
+    or else a registered model name."""
     path = Path(spec)
     if path.is_dir():
         return subject_from_run(path)
+    if "@" in spec:
+        from ..weights import load_weights_file
+
+        name, weights = spec.split("@", 1)
+        subject = subject_from_name(name)
+        report = load_weights_file(subject.model, weights, allow_pickle=allow_pickle)
+        if report.skipped:  # a classifier of another size: the file's model was fine-tuned, build it alike
+            classes = report.shapes[report.skipped[0]][0]
+            subject = subject_from_name(name, num_classes=classes)
+            load_weights_file(subject.model, weights, allow_pickle=allow_pickle)
+        subject.name, subject.source = f"{name}@{Path(weights).stem}", "weights file"
+        return subject
     if path.exists() or "/" in spec:
         raise VitlabError(f"'{spec}' is neither a run directory nor a model name")
     return subject_from_name(spec, pretrained=pretrained)

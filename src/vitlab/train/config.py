@@ -43,6 +43,9 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     eval_batch_size: int = 256
+    #: Start from these weights (safetensors, or a trusted pickle) instead of a fresh initialisation;
+    #: matched by name, a classifier of another size kept as initialised (:mod:`vitlab.weights`).
+    init_weights: str | None = None
     #: Also checkpoint every this many steps within an epoch (0: at the end of every epoch only),
     #: keeping the newest ``keep_checkpoints``; a killed run resumes from the newest.
     checkpoint_every: int = 0

@@ -34,6 +34,7 @@ from ..data import DatasetInfo, build_dataset
 from ..data.sampling import SeededBatches, SeededDataset, mix_seed, seed_all
 from ..errors import VitlabError
 from ..models import count_parameters, create_model
+from ..weights import load_weights_file
 from . import accel, rundir
 from .config import TrainConfig
 
@@ -98,13 +99,15 @@ def train(
     progress: bool = True,
     stop_after_step: int | None = None,
     stop_after_epoch: int | None = None,
+    allow_pickle: bool = False,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` and write a run directory; returns the trained model.
 
     ``resume`` continues the run in ``out`` from its newest checkpoint (using the saved
     config); ``overwrite`` replaces it. ``stop_after_step`` (a global step count) and
     ``stop_after_epoch`` (0-based) end the run early, as if it had been killed right after that
-    step's or epoch's checkpoint (used to test that resuming is exact).
+    step's or epoch's checkpoint (used to test that resuming is exact). ``allow_pickle`` lets
+    ``cfg.init_weights`` be a pickle checkpoint (only for files from a trusted source).
     """
     cfg.validate()
     world = distributed.setup(cfg.device)
@@ -135,6 +138,10 @@ def train(
         cfg = dataclasses.replace(cfg, model_args=model_args_for(cfg, info))
     seed_all(cfg.seed)  # the initialisation
     model = create_model(cfg.model, **cfg.model_args)
+    if cfg.init_weights and not resume:  # a resumed run's checkpoint holds the weights
+        report = load_weights_file(model, cfg.init_weights, allow_pickle=allow_pickle)
+        if show:
+            tqdm.write(f"{cfg.model}: {report}")
     if not resume and world.is_main:  # only once the model builds: a bad option must not leave a half-made run
         rundir.save_config(run_dir, cfg)
         rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
