@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitlab import VitlabError
-from vitlab.analysis.capture import Capture, Store
+from vitlab.analysis.capture import Capture
 from vitlab.analysis.cka import MinibatchCKA
 from vitlab.analysis.subjects import subject_from_name
 from vitlab.analysis.suite import run_analyses

@@ -113,6 +113,17 @@ def test_config_typo_lists_valid_keys(tmp_path):
         load_config(path)
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    # PyYAML follows YAML 1.1, which reads `1e-3` as a string; a recipe author means a number
+    path = tmp_path / "recipe.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5e-2\n")
+    cfg = load_config(path)
+    assert cfg.lr == 1e-3 and cfg.weight_decay == 5e-2
+    path.write_text("lr: inf\n")
+    with pytest.raises(VitlabError, match="'lr' in .* must be a number, not 'inf'"):
+        load_config(path)
+
+
 def test_config_round_trips_through_yaml(tmp_path):
     cfg = tiny_config(lr=3e-4)
     path = tmp_path / "c.yaml"

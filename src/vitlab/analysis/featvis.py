@@ -17,7 +17,6 @@ vitlab models trained on ``shapes`` and ImageNet models from timm.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 

@@ -3,10 +3,21 @@
 Every data set yields ``(PIL image, class index)`` before its transform, and is described by a
 :class:`DatasetInfo` (classes, native image size, normalisation statistics) that the trainer and
 the analyses use, so nothing downstream needs to know which data set it is.
+
+Image folders are taken as they come from the wild. Every file is converted to RGB on loading
+(greyscale, palette, CMYK and 16-bit images; transparent ones are composited over white, see
+:func:`~vitlab.data.images.to_rgb`), and every image whose size is not the data set's is resized and centre-cropped
+to it (:class:`~vitlab.data.transforms.FitSize`), so mixed files still collate into batches.
+Files that cannot be decoded at all (damaged, truncated, not images) are found once, by decoding
+every file when the data set is built, and skipped with one warning naming how many and the
+first few; a folder where nothing can be read is an error. Large folders keep that scan's result
+in the vitlab cache directory, so later runs start at once.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ..errors import VitlabError, unknown_name_error
+from .images import load_rgb, scan_images
 from .shapes import SHAPE_CLASSES, ShapesConfig, default_cache_dir, load_shapes
 from .transforms import build_transform
 
@@ -127,7 +139,7 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
     elif kind in _CIFAR_STATS:
         dataset, info = _cifar(kind, cfg, split)
     else:
-        dataset, info = _imagefolder(path, cfg, split, seed)
+        dataset, info = _imagefolder(path, cfg, split, seed, progress=progress)
     if len(dataset) == 0:
         raise VitlabError(f"the {split} split of '{cfg.name}' is empty; check the data set and its options")
     native = info.image_size
@@ -184,31 +196,61 @@ def _cifar(kind: str, cfg: DataConfig, split: str) -> tuple[Dataset, DatasetInfo
     return dataset, DatasetInfo(kind, list(dataset.classes), 32, mean, std)
 
 
-def _imagefolder(path: str, cfg: DataConfig, split: str, seed: int) -> tuple[Dataset, DatasetInfo]:
+_NAMED_FILES = 5  # unreadable files named in the warning
+_warned_scans: set = set()  # folders already warned about in this process (train and val both ask)
+
+
+def _imagefolder(path: str, cfg: DataConfig, split: str, seed: int,
+                 progress: bool = False) -> tuple[Dataset, DatasetInfo]:
+    """The ``split`` of the image folder ``path``: its ``train``/``val`` sub-folder if it has
+    both, else a seeded class-balanced hold-out (:func:`holdout_indices`) of the whole folder.
+
+    Bad files are handled rather than fatal:
+
+    - every file is decoded once here (:func:`~vitlab.data.images.scan_images`); those that cannot be (damaged,
+      truncated, not images) are left out, with one warning giving their number and the first
+      few names, and if none can be read at all this raises :class:`VitlabError`;
+    - greyscale, palette, CMYK, 16-bit and transparent images are converted to RGB on loading,
+      transparency composited over white (:func:`~vitlab.data.images.to_rgb`);
+    - images of another size than the data set's (the most common size in the folder, or
+      ``cfg.image_size``) are resized and centre-cropped, image by image, by the transform.
+    """
     from torchvision.datasets import ImageFolder
 
     root = Path(path).expanduser()
     if not root.is_dir():
         raise VitlabError(f"image folder '{root}' does not exist or is not a directory")
     has_splits = (root / "train").is_dir() and (root / "val").is_dir()
+    scan_root = root / split if has_splits else root
     try:
-        folder = ImageFolder(str(root / split) if has_splits else str(root), loader=_load_rgb)
+        folder = ImageFolder(str(scan_root), loader=load_rgb)
     except FileNotFoundError as e:
         raise VitlabError(f"no images in '{root}': it needs one sub-folder of images per class ({e})") from None
+    scan = scan_images(scan_root, [p for p, _ in folder.samples], progress)
+    total = len(folder.samples)
+    if len(scan.unreadable) == total:
+        raise VitlabError(f"none of the {total} images in '{scan_root}' can be read (damaged files or not images)")
+    if scan.unreadable:
+        # Drop the unreadable files before any split is drawn, so train and val agree on them.
+        bad = {os.path.join(str(scan_root), name) for name in scan.unreadable}
+        folder.samples = [s for s in folder.samples if s[0] not in bad]
+        folder.imgs, folder.targets = folder.samples, [t for _, t in folder.samples]
+        if scan.key not in _warned_scans:  # once per process, though train and val both ask
+            _warned_scans.add(scan.key)
+            named = ", ".join(scan.unreadable[:_NAMED_FILES])
+            more = f" and {len(scan.unreadable) - _NAMED_FILES} more" if len(scan.unreadable) > _NAMED_FILES else ""
+            warnings.warn(f"skipped {len(scan.unreadable)} of {total} images in '{scan_root}' that cannot be "
+                          f"read: {named}{more}", stacklevel=3)
     if has_splits:
         dataset: Dataset = folder
     else:
         dataset = Subset(folder, holdout_indices(folder.targets, cfg.val_fraction, seed, split))
-    with Image.open(folder.samples[0][0]) as first:
-        native = first.size[0] if first.size[0] == first.size[1] else None
+    # The data set's native size is its most common one: a few odd files must not decide it.
+    (width, height), _ = max(scan.sizes.items(), key=lambda item: item[1])
+    native = width if width == height else None
     if native is None and not cfg.image_size:
         raise VitlabError(f"images in '{root}' are not square; choose a size with --image-size")
     return dataset, DatasetInfo(f"imagefolder:{root}", list(folder.classes), native or cfg.image_size)
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
 
 
 def holdout_indices(targets: Sequence[int], fraction: float, seed: int, split: str) -> list[int]:

@@ -3,18 +3,43 @@
 ``crop-flip`` is the classic CIFAR recipe (pad by 1/8 of the side, random crop back, horizontal
 flip). RandAugment is timm's, switched on by its config string (e.g. ``rand-m9-mstd0.5``, the
 CCT recipe's). Evaluation only resizes (if needed) and normalises.
+
+Every transform starts with :class:`FitSize`: an image whose size differs from the target is
+resized (shorter side) and centre-cropped to it, one image at a time, so a folder with a few
+odd-sized files still collates into batches; images already at the target size pass untouched.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from PIL import Image
 from timm.data import rand_augment_transform
 from torchvision import transforms as T
 
 from ..errors import VitlabError
 
 AUGMENTATIONS = ("none", "crop-flip")
+
+
+class FitSize:
+    """Resize (shorter side) and centre-crop a PIL image to ``size`` x ``size``, if it is not already.
+
+    Deciding per image, not per data set, is what lets one odd-sized file live among the others;
+    images already at the target size skip the resampling entirely (the common, fast path).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._resize = T.Compose([T.Resize(size), T.CenterCrop(size)])
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.size == (self.size, self.size):
+            return image
+        return self._resize(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
 
 
 def build_transform(
@@ -29,15 +54,15 @@ def build_transform(
 ) -> Callable:
     """The transform from a PIL image to a normalised float tensor (3, image_size, image_size).
 
-    ``native_size`` is the side the images are stored at; when it differs from ``image_size``
-    they are resized first (evaluation uses a resize then centre crop of the same size).
+    Images whose size is not ``image_size`` x ``image_size`` are resized (shorter side) and
+    centre-cropped first, each on its own (:class:`FitSize`), so mixed sizes still collate.
+    ``native_size`` (the side most images are stored at) is accepted for compatibility only:
+    resizing is decided per image, since one odd file must not break a batch.
     ``normalize=False`` leaves pixels in [0, 1] (analyses normalise per model).
     """
     if augment not in AUGMENTATIONS:
         raise VitlabError(f"unknown augmentation '{augment}'; choose one of {', '.join(AUGMENTATIONS)}")
-    steps: list[Callable] = []
-    if native_size != image_size:
-        steps += [T.Resize(image_size), T.CenterCrop(image_size)]
+    steps: list[Callable] = [FitSize(image_size)]
     if train and augment == "crop-flip":
         steps += [T.RandomCrop(image_size, padding=max(image_size // 8, 1)), T.RandomHorizontalFlip()]
     if train and randaugment:

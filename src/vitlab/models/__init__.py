@@ -6,7 +6,6 @@ as :func:`create_model`. Importing this package registers them.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import timm

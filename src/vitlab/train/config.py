@@ -7,11 +7,12 @@ fall back to a default).
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -86,9 +87,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """Build a config from a (possibly partial) dict, refusing unknown keys."""
+        """Build a config from a (possibly partial) dict, refusing unknown keys.
+
+        Any bad input (not a mapping, unknown or non-text keys, values of the wrong type or out
+        of range) raises :class:`VitlabError`, never another exception.
+        """
+        if values is not None and not isinstance(values, Mapping):
+            raise VitlabError(f"{source} must be a mapping of keys to values, not {values!r}")
         values = dict(values or {})
-        data = values.pop("data", None) or {}
+        data = values.pop("data", None)
+        data = {} if data is None else data  # not `or {}`: `data: 0` or `data: ""` must be refused
         if not isinstance(data, dict):
             raise VitlabError(f"'data' in {source} must be a mapping of keys to values, not {data!r}")
         _check_keys(values, cls, source)
@@ -115,6 +123,8 @@ class TrainConfig:
 def _check_keys(values: dict[str, Any], cls: type, source: str) -> None:
     valid = [f.name for f in fields(cls)]
     for key in values:
+        if not isinstance(key, str):  # YAML keys may be numbers, null, ...: not names to match
+            raise VitlabError(f"unknown key {key!r} in {source}; valid keys: {', '.join(valid)}")
         if key not in valid:
             close = closest_names(key, valid)
             hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -139,18 +149,32 @@ def _check_types(values: dict[str, Any], cls: type, source: str) -> dict[str, An
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             out[key] = float(value)
             continue
+        if float in allowed and str not in allowed and isinstance(value, str) and _is_number(value):
+            out[key] = float(value)  # YAML 1.1 reads `lr: 1e-3` (no dot) as a string
+            continue
         expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)
         raise VitlabError(f"'{key}' in {source} must be {expected}, not {value!r}")
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a training config (recipe) from a YAML file."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise VitlabError(f"config file '{path}' does not exist") from None
+    except UnicodeDecodeError:
+        raise VitlabError(f"config file '{path}' is not UTF-8 text; is it really a YAML config?") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise VitlabError(f"config file '{path}' cannot be read ({e.strerror or type(e).__name__})") from None
     except yaml.YAMLError as e:
         raise VitlabError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
