@@ -200,6 +200,8 @@ def train(
                 return TrainResult(run_dir, model, cfg, info, metrics)  # "killed" right after a checkpoint
             scheduler.step_update(global_step)
             seed_all(mix_seed(cfg.seed, global_step, world.rank))  # dropout and stochastic depth of this step
+            if world.device.type == "cuda":
+                torch.cuda.manual_seed(mix_seed(cfg.seed, global_step, world.rank))
             images, labels = images.to(world.device, non_blocking=True), labels.to(world.device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
