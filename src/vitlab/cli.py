@@ -28,7 +28,10 @@ def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shap
                         "both shape and texture predict the class, the training set for a shape-bias study)")
     g.add_argument("--num-workers", type=int, metavar="N",
                    help=f"data-loading worker processes (default {base.num_workers})")
-    g.add_argument("--augment", choices=["crop-flip", "none"], help=f"augmentation preset (default {base.augment})")
+    g.add_argument("--augment", choices=["crop-flip", "resized-crop-flip", "none"],
+                   help=f"augmentation preset (default {base.augment})")
+    g.add_argument("--crop-scale", type=float, metavar="S",
+                   help=f"resized-crop-flip: smallest fraction of the area kept (default {base.crop_scale})")
     g.add_argument("--randaugment", metavar="CFG", help="timm RandAugment config, e.g. rand-m9-mstd0.5 (default off)")
 
 
@@ -36,7 +39,7 @@ def _data_overrides(args: argparse.Namespace) -> dict:
     return {"data.name": args.data, "data.image_size": args.image_size, "data.root": args.data_root,
             "data.download": args.download or None, "data.num_train": args.num_train,
             "data.num_val": args.num_val, "data.num_workers": args.num_workers, "data.texture_mode": args.texture_mode,
-            "data.augment": args.augment, "data.randaugment": args.randaugment}
+            "data.augment": args.augment, "data.randaugment": args.randaugment, "data.crop_scale": args.crop_scale}
 
 
 def _data_config(args: argparse.Namespace, base=None):
@@ -78,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "process trains on its share of each batch.")
     t = TrainConfig()
     p.add_argument("--model", metavar="NAME", help=f"model name (see `vitlab models`; default {t.model})")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="start from a shipped recipe (vitlab recipes lists them); options override its values")
     p.add_argument("--config", metavar="YAML", help="recipe file; command-line options override its values")
     p.add_argument("--epochs", type=int, help=f"(default {t.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {t.batch_size})")
@@ -86,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay (default {t.warmup_epochs})")
     p.add_argument("--label-smoothing", type=float, help=f"(default {t.label_smoothing})")
     p.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {t.drop_path})")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"(default {t.optimizer})")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help=f"Mixup alpha, 0 for off (default {t.mixup})")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help=f"CutMix alpha, 0 for off (default {t.cutmix})")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help=f"keep a moving average of the weights with this decay, 0 for off (default {t.ema_decay})")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
@@ -122,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_args(p)
     _add_data_args(p, default_data())
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("recipes", help="list the shipped training recipes (for vitlab train --recipe NAME)")
+    p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("models", help="list the registered models with their parameter counts, input sizes and classes")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit*' (default: all)")
@@ -219,10 +232,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise VitlabError("--resume needs the run directory: vitlab train --resume RUN_DIR")
         cfg = read_config(args.out)
     else:
-        cfg = load_config(args.config) if args.config else TrainConfig()
+        if args.recipe and args.config:
+            raise VitlabError("--recipe and --config both name a starting point; pass one of them")
+        if args.recipe:
+            from .train.recipes import load_recipe
+
+            cfg = load_recipe(args.recipe)
+        else:
+            cfg = load_config(args.config) if args.config else TrainConfig()
         overrides = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                      "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
                      "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
+                     "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
                      "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
                      "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
                      "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
@@ -235,6 +256,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{cfg.model}: val acc {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
           f"({result.train_time_s:.0f} s of training)")
     print(f"run: {result.run_dir}")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from .train.recipes import list_recipes, load_recipe
+
+    print(f"{'recipe':<8} {'model':<22} {'epochs':>6} {'optimizer':<9} {'lr':>8}  augmentation")
+    for name in list_recipes():
+        cfg = load_recipe(name)
+        extras = [cfg.data.augment] + ([cfg.data.randaugment] if cfg.data.randaugment else []) + \
+            ([f"mixup {cfg.mixup}/cutmix {cfg.cutmix}"] if cfg.mixup or cfg.cutmix else []) + \
+            ([f"EMA {cfg.ema_decay}"] if cfg.ema_decay else [])
+        print(f"{name:<8} {cfg.model:<22} {cfg.epochs:>6} {cfg.optimizer:<9} {cfg.lr:>8.2g}  {', '.join(extras)}")
     return 0
 
 

@@ -60,6 +60,8 @@ class DataConfig:
     #: ``crop-flip`` or ``none``; RandAugment as timm's config string (e.g. ``rand-m9-mstd0.5``) or ``None``.
     augment: str = "crop-flip"
     randaugment: str | None = None
+    #: ``resized-crop-flip``: the smallest fraction of the image area a crop keeps.
+    crop_scale: float = 0.8
     #: DataLoader worker processes (0 loads in the training process).
     num_workers: int = 0
 
@@ -147,7 +149,8 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
         info.image_size = cfg.image_size
     augment = split == "train" if train_transform is None else train_transform
     transform = build_transform(info.image_size, info.mean, info.std, train=augment, augment=cfg.augment,
-                                randaugment=cfg.randaugment, native_size=native, normalize=normalize)
+                                randaugment=cfg.randaugment, native_size=native, normalize=normalize,
+                                crop_scale=cfg.crop_scale)
     _set_transform(dataset, transform)
     return dataset, info
 

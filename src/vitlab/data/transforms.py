@@ -1,7 +1,8 @@
 """Augmentation presets for small images.
 
 ``crop-flip`` is the classic CIFAR recipe (pad by 1/8 of the side, random crop back, horizontal
-flip). RandAugment is timm's, switched on by its config string (e.g. ``rand-m9-mstd0.5``, the
+flip); ``resized-crop-flip`` takes a random crop of ``crop_scale``-1 of the area at an aspect ratio
+of 3/4-4/3, resized back, and flips (the CCT recipe's, with scale 0.8-1). RandAugment is timm's, switched on by its config string (e.g. ``rand-m9-mstd0.5``, the
 CCT recipe's). Evaluation only resizes (if needed) and normalises.
 
 Every transform starts with :class:`FitSize`: an image whose size differs from the target is
@@ -19,7 +20,7 @@ from torchvision import transforms as T
 
 from ..errors import VitlabError
 
-AUGMENTATIONS = ("none", "crop-flip")
+AUGMENTATIONS = ("none", "crop-flip", "resized-crop-flip")
 
 
 class FitSize:
@@ -51,6 +52,7 @@ def build_transform(
     randaugment: str | None = None,
     native_size: int | None = None,
     normalize: bool = True,
+    crop_scale: float = 0.8,
 ) -> Callable:
     """The transform from a PIL image to a normalised float tensor (3, image_size, image_size).
 
@@ -58,13 +60,18 @@ def build_transform(
     centre-cropped first, each on its own (:class:`FitSize`), so mixed sizes still collate.
     ``native_size`` (the side most images are stored at) is accepted for compatibility only:
     resizing is decided per image, since one odd file must not break a batch.
-    ``normalize=False`` leaves pixels in [0, 1] (analyses normalise per model).
+    ``normalize=False`` leaves pixels in [0, 1] (analyses normalise per model). ``crop_scale``
+    is the smallest fraction of the area ``resized-crop-flip`` keeps.
     """
     if augment not in AUGMENTATIONS:
         raise VitlabError(f"unknown augmentation '{augment}'; choose one of {', '.join(AUGMENTATIONS)}")
     steps: list[Callable] = [FitSize(image_size)]
     if train and augment == "crop-flip":
         steps += [T.RandomCrop(image_size, padding=max(image_size // 8, 1)), T.RandomHorizontalFlip()]
+    if train and augment == "resized-crop-flip":
+        if not 0 < crop_scale <= 1:
+            raise VitlabError(f"crop_scale must be in (0, 1], not {crop_scale}")
+        steps += [T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True), T.RandomHorizontalFlip()]
     if train and randaugment:
         if not randaugment.startswith("rand"):
             raise VitlabError(f"RandAugment config '{randaugment}' must look like 'rand-m9-mstd0.5' (timm's format)")

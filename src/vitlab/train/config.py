@@ -30,7 +30,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
     batch_size: int = 128
-    #: Peak learning rate of AdamW (reached after the warm-up), and the floor of the cosine decay.
+    #: The recipe (``vitlab recipes``) these values started from; informational once loaded.
+    recipe: str | None = None
+    #: ``adamw`` or ``sgd`` (with Nesterov momentum), both timm's.
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    #: Peak learning rate (reached after the warm-up), and the floor of the cosine decay.
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -40,6 +45,15 @@ class TrainConfig:
     label_smoothing: float = 0.1
     #: Stochastic depth rate (timm's ``drop_path_rate``), for models that have it.
     drop_path: float = 0.0
+    #: Mixup and CutMix (timm's): their Beta alphas (0: off), the probability that a batch is
+    #: mixed, and that CutMix is used when both are on. Labels are smoothed inside the mix.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    #: Exponential moving average of the weights (timm's ModelEmaV3, with warm-up), evaluated
+    #: beside the model every epoch and saved as ``model_ema.safetensors``; 0 turns it off.
+    ema_decay: float = 0.0
     #: Clip the gradient norm to this value (``None``: no clipping).
     grad_clip: float | None = None
     seed: int = 0
@@ -72,6 +86,12 @@ class TrainConfig:
             (self.lr > 0, f"learning rate must be positive, not {self.lr}"),
             (self.warmup_epochs >= 0, f"warm-up must be non-negative, not {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), not {self.label_smoothing}"),
+            (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, not '{self.optimizer}'"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be non-negative"),
+            (0 <= self.mix_prob <= 1 and 0 <= self.mix_switch_prob <= 1, "mix_prob and mix_switch_prob must be in [0, 1]"),
+            (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
+             f"Mixup and CutMix pair images within a batch: use an even batch size, not {self.batch_size}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), not {self.ema_decay}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be 0 or a number of steps, not {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),
             (self.precision in ("fp32", "bf16", "auto"), f"precision must be fp32, bf16 or auto, not '{self.precision}'"),

@@ -32,6 +32,8 @@ CONFIG, WEIGHTS, METRICS = "config.yaml", "model.safetensors", "metrics.csv"
 STATE_PATTERN, LEGACY_STATE = "state-*.pt", "state.pt"
 #: The weights before the first step, for analyses of what training changed (feature reuse).
 INIT_WEIGHTS = "init.safetensors"
+#: The moving average of the weights, for runs with ``ema_decay`` (evaluated as ``val_acc_ema``).
+EMA_WEIGHTS = "model_ema.safetensors"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

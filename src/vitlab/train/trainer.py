@@ -1,4 +1,5 @@
-"""The training loop: AdamW, warm-up + cosine (timm's), label smoothing, evaluation every epoch.
+"""The training loop: AdamW or SGD, warm-up + cosine, label smoothing, Mixup/CutMix and weight EMA
+(all timm's), evaluation every epoch.
 
 Read it from top to bottom: :func:`train` builds the data, the model and the optimizer, then
 runs the steps. Determinism: the order and augmentation of every sample come from
@@ -23,8 +24,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -148,7 +152,11 @@ def train(
     precision = accel.resolve_precision(cfg.precision, world.device)
     channels_last = accel.use_channels_last(cfg.channels_last, model)
     model.to(world.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(model, "momentum" if cfg.optimizer == "sgd" else "adamw", lr=cfg.lr,
+                                    weight_decay=cfg.weight_decay,
+                                    **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+    # The weights' moving average: stateless apart from its weights (the decay follows the step).
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
     steps_per_epoch = batches.steps_per_epoch
     scheduler = CosineLRScheduler(
         optimizer,
@@ -159,6 +167,10 @@ def train(
         t_in_epochs=False,  # the schedule advances every step, not every epoch
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # Mixup/CutMix draw from numpy's RNG, which every step reseeds: mixed batches replay exactly on resume.
+    mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
+                label_smoothing=cfg.label_smoothing, num_classes=info.num_classes) if cfg.mixup or cfg.cutmix else None
+    train_loss_fn = SoftTargetCrossEntropy() if mix else loss_fn
 
     # --- resume --------------------------------------------------------------------------------
     # A checkpoint is the one commit point: position, weights, optimizer, metrics and the
@@ -168,6 +180,8 @@ def train(
     state = rundir.load_state(run_dir) if resume else None
     if state is not None:
         rundir.restore_state(run_dir, state, model, optimizer)
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         epoch, step = state["position"]["epoch"], state["position"]["step"]
         metrics, sums = list(state["metrics"]), EpochSums(**state.get("sums", {}))
     params = count_parameters(model)
@@ -183,6 +197,7 @@ def train(
             rundir.save_checkpoint(run_dir, {
                 "position": {"epoch": next_epoch, "step": next_step}, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "metrics": metrics, "sums": dataclasses.asdict(sums),
+                **({"ema": ema.module.state_dict()} if ema is not None else {}),
                 "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.keep_checkpoints)
         distributed.barrier()
 
@@ -205,13 +220,16 @@ def train(
             images, labels = images.to(world.device, non_blocking=True), labels.to(world.device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if mix is not None:
+                images, targets = mix(images, labels)  # soft targets; accuracy is against the true labels
             try:
                 with accel.autocast(precision, world.device):
                     outputs = net(images)
                     # Models with several heads (early exits) return a list, final head last: every
                     # head learns from the labels, and accuracy is the final head's.
                     heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-                    loss = sum(loss_fn(head.float(), labels) for head in heads)
+                    loss = sum(train_loss_fn(head.float(), targets) for head in heads)
                 if not torch.isfinite(loss):
                     raise VitlabError(f"loss became {loss.item()} at step {global_step} (epoch {epoch + 1}); lower "
                                       "--lr or raise --warmup-epochs (the last good checkpoint is kept)")
@@ -220,6 +238,8 @@ def train(
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
+                if ema is not None:
+                    ema.update(model, step=global_step)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 raise out_of_memory_error(e, cfg.batch_size // world.world_size, global_step) from None
             global_step += 1
@@ -242,6 +262,9 @@ def train(
                             train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                             val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
                             images_per_s=round(total.seen / max(sums.seconds, 1e-9), 1)))
+        if ema is not None:
+            metrics[-1]["val_loss_ema"], metrics[-1]["val_acc_ema"] = evaluate(
+                ema.module, val_loader, loss_fn, precision=precision, device=world.device)
         if show:
             m = metrics[-1]
             tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
@@ -250,6 +273,8 @@ def train(
         # The user-facing files first, then the checkpoint that commits the epoch.
         if world.is_main:
             rundir.save_weights(run_dir, model)
+            if ema is not None:
+                rundir.save_weights(run_dir, ema.module, rundir.EMA_WEIGHTS)
             rundir.write_metrics(run_dir, metrics)
         step, sums = 0, EpochSums()
         checkpoint(epoch + 1, 0, sums)
