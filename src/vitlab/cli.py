@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"(default {t.optimizer})")
     p.add_argument("--mixup", type=float, metavar="ALPHA", help=f"Mixup alpha, 0 for off (default {t.mixup})")
     p.add_argument("--cutmix", type=float, metavar="ALPHA", help=f"CutMix alpha, 0 for off (default {t.cutmix})")
+    p.add_argument("--spatial-entropy", type=float, metavar="LAMBDA",
+                   help=f"spatial entropy regulariser's peak weight (Peruzzo et al.; 0.01 in the paper; default {t.spatial_entropy})")
+    p.add_argument("--spatial-entropy-warmup", type=float, metavar="EPOCHS",
+                   help=f"epochs of its linear warm-up before the cosine decay (default {t.spatial_entropy_warmup})")
+    p.add_argument("--no-last-attention-skip", dest="last_attention_skip", action="store_false", default=None,
+                   help="the paper's variant: drop the last block's attention skip connection and second norm")
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help=f"keep a moving average of the weights with this decay, 0 for off (default {t.ema_decay})")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
@@ -244,6 +250,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
                      "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
                      "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
+                     "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,
+                     "last_attention_skip": args.last_attention_skip,
                      "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
                      "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
                      "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}

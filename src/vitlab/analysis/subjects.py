@@ -64,8 +64,10 @@ def subject_from_run(run_dir: str | Path, name: str | None = None, weights: str 
     from ..train import rundir
 
     run_dir = Path(run_dir)
+    from ..train.trainer import build_model
+
     cfg = rundir.read_config(run_dir)
-    model = create_model(cfg.model, **cfg.model_args)
+    model = build_model(cfg)
     rundir.load_weights(run_dir, model, weights)
     mean, std = dataset_stats(cfg.data.name)
     return Subject(

@@ -54,6 +54,12 @@ class TrainConfig:
     #: Exponential moving average of the weights (timm's ModelEmaV3, with warm-up), evaluated
     #: beside the model every epoch and saved as ``model_ema.safetensors``; 0 turns it off.
     ema_decay: float = 0.0
+    #: Spatial entropy regulariser (Peruzzo et al.): its peak weight (0: off; the paper's is
+    #: 0.01), reached after a linear warm-up of this many epochs, then a cosine decay to zero.
+    spatial_entropy: float = 0.0
+    spatial_entropy_warmup: float = 10.0
+    #: False: the paper's variant without the last block's attention skip connection (timm blocks).
+    last_attention_skip: bool = True
     #: Clip the gradient norm to this value (``None``: no clipping).
     grad_clip: float | None = None
     seed: int = 0
@@ -91,6 +97,8 @@ class TrainConfig:
             (0 <= self.mix_prob <= 1 and 0 <= self.mix_switch_prob <= 1, "mix_prob and mix_switch_prob must be in [0, 1]"),
             (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0,
              f"Mixup and CutMix pair images within a batch: use an even batch size, not {self.batch_size}"),
+            (self.spatial_entropy >= 0 and self.spatial_entropy_warmup >= 0,
+             "spatial_entropy and spatial_entropy_warmup must be non-negative"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), not {self.ema_decay}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be 0 or a number of steps, not {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),

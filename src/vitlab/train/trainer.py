@@ -13,6 +13,7 @@ gradients, and rank 0 alone writes the run directory and shows progress.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -40,6 +41,7 @@ from ..errors import VitlabError
 from ..models import count_parameters, create_model
 from ..weights import load_weights_file
 from . import accel, rundir
+from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
 from .config import TrainConfig
 
 
@@ -68,6 +70,14 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.model}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The run's model, as ``cfg`` describes it (architecture changes of training options included)."""
+    model = create_model(cfg.model, **cfg.model_args)
+    if not cfg.last_attention_skip:
+        remove_last_attention_skip(model)
+    return model
+
+
 def model_args_for(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     """The keyword arguments that build the run's model: classes and image size from the data."""
     args: dict[str, Any] = {"num_classes": info.num_classes}
@@ -87,11 +97,15 @@ class EpochSums:
     correct: float = 0.0
     seen: float = 0.0
     seconds: float = 0.0
+    #: Sum over images of the spatial entropy (runs with the regulariser).
+    entropy: float = 0.0
 
     def reduced(self) -> "EpochSums":
         """The sums over every process (this process's for a world of one)."""
-        t = distributed.all_reduce_sum(torch.tensor([self.loss, self.correct, self.seen], dtype=torch.float64))
-        return EpochSums(*t.tolist(), seconds=self.seconds)
+        t = distributed.all_reduce_sum(torch.tensor([self.loss, self.correct, self.seen, self.entropy],
+                                                    dtype=torch.float64))
+        loss, correct, seen, entropy = t.tolist()
+        return EpochSums(loss, correct, seen, self.seconds, entropy)
 
 
 def train(
@@ -141,7 +155,7 @@ def train(
         # Saved resolved (classes, image size), so the run rebuilds its model without the data.
         cfg = dataclasses.replace(cfg, model_args=model_args_for(cfg, info))
     seed_all(cfg.seed)  # the initialisation
-    model = create_model(cfg.model, **cfg.model_args)
+    model = build_model(cfg)
     if cfg.init_weights and not resume:  # a resumed run's checkpoint holds the weights
         report = load_weights_file(model, cfg.init_weights, allow_pickle=allow_pickle)
         if show:
@@ -171,6 +185,8 @@ def train(
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
                 label_smoothing=cfg.label_smoothing, num_classes=info.num_classes) if cfg.mixup or cfg.cutmix else None
     train_loss_fn = SoftTargetCrossEntropy() if mix else loss_fn
+    entropy_probe = SpatialEntropyProbe(model, cfg.model) if cfg.spatial_entropy else None
+    entropy_warmup = round(cfg.spatial_entropy_warmup * steps_per_epoch)
 
     # --- resume --------------------------------------------------------------------------------
     # A checkpoint is the one commit point: position, weights, optimizer, metrics and the
@@ -204,6 +220,9 @@ def train(
     # --- steps --------------------------------------------------------------------------------
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch + 1)
     global_step = epoch * steps_per_epoch + step
+    stack = contextlib.ExitStack()
+    if entropy_probe is not None:
+        stack.enter_context(entropy_probe)
     for epoch in range(epoch, last_epoch):
         batches.set_epoch(epoch, start_step=step)
         net.train()
@@ -212,6 +231,7 @@ def train(
         started = time.perf_counter()
         for step, (images, labels) in enumerate(bar, start=step):
             if stop_after_step is not None and global_step >= stop_after_step:
+                stack.close()
                 return TrainResult(run_dir, model, cfg, info, metrics)  # "killed" right after a checkpoint
             scheduler.step_update(global_step)
             seed_all(mix_seed(cfg.seed, global_step, world.rank))  # dropout and stochastic depth of this step
@@ -230,6 +250,10 @@ def train(
                     # head learns from the labels, and accuracy is the final head's.
                     heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
                     loss = sum(train_loss_fn(head.float(), targets) for head in heads)
+                    if entropy_probe is not None:
+                        entropy = entropy_probe.loss()
+                        loss = loss + entropy_weight(global_step, cfg.epochs * steps_per_epoch, entropy_warmup,
+                                                     cfg.spatial_entropy) * entropy
                 if not torch.isfinite(loss):
                     raise VitlabError(f"loss became {loss.item()} at step {global_step} (epoch {epoch + 1}); lower "
                                       "--lr or raise --warmup-epochs (the last good checkpoint is kept)")
@@ -248,6 +272,8 @@ def train(
             sums.loss += loss.item() * n
             sums.correct += (heads[-1].argmax(1) == labels).sum().item()
             sums.seen += n
+            if entropy_probe is not None:
+                sums.entropy += entropy.item() * n
             bar.set_postfix(loss=f"{sums.loss / sums.seen:.3f}", acc=f"{sums.correct / sums.seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
@@ -262,6 +288,8 @@ def train(
                             train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                             val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
                             images_per_s=round(total.seen / max(sums.seconds, 1e-9), 1)))
+        if entropy_probe is not None:
+            metrics[-1]["spatial_entropy"] = total.entropy / total.seen
         if ema is not None:
             metrics[-1]["val_loss_ema"], metrics[-1]["val_acc_ema"] = evaluate(
                 ema.module, val_loader, loss_fn, precision=precision, device=world.device)
@@ -278,6 +306,7 @@ def train(
             rundir.write_metrics(run_dir, metrics)
         step, sums = 0, EpochSums()
         checkpoint(epoch + 1, 0, sums)
+    stack.close()
     return TrainResult(run_dir, model, cfg, info, metrics)
 
 
