@@ -84,45 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="NAME",
                    help="start from a shipped recipe (vitlab recipes lists them); options override its values")
     p.add_argument("--config", metavar="YAML", help="recipe file; command-line options override its values")
-    p.add_argument("--epochs", type=int, help=f"(default {t.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"(default {t.batch_size})")
-    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {t.lr})")
-    p.add_argument("--weight-decay", type=float, help=f"(default {t.weight_decay})")
-    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay (default {t.warmup_epochs})")
-    p.add_argument("--label-smoothing", type=float, help=f"(default {t.label_smoothing})")
-    p.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {t.drop_path})")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"(default {t.optimizer})")
-    p.add_argument("--mixup", type=float, metavar="ALPHA", help=f"Mixup alpha, 0 for off (default {t.mixup})")
-    p.add_argument("--cutmix", type=float, metavar="ALPHA", help=f"CutMix alpha, 0 for off (default {t.cutmix})")
-    p.add_argument("--spatial-entropy", type=float, metavar="LAMBDA",
-                   help=f"spatial entropy regulariser's peak weight (Peruzzo et al.; 0.01 in the paper; default {t.spatial_entropy})")
-    p.add_argument("--spatial-entropy-warmup", type=float, metavar="EPOCHS",
-                   help=f"epochs of its linear warm-up before the cosine decay (default {t.spatial_entropy_warmup})")
-    p.add_argument("--no-last-attention-skip", dest="last_attention_skip", action="store_false", default=None,
-                   help="the paper's variant: drop the last block's attention skip connection and second norm")
-    p.add_argument("--ema-decay", type=float, metavar="D",
-                   help=f"keep a moving average of the weights with this decay, 0 for off (default {t.ema_decay})")
-    p.add_argument("--seed", type=int, help=f"(default {t.seed})")
-    p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                    help="continue RUN_DIR (or --out) from its newest checkpoint, e.g. after the run was killed")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--init-weights", metavar="FILE",
-                   help="start from these weights (e.g. a timm .safetensors checkpoint), matched by name")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow --init-weights to be a pickle (.pt/.pth), which can run code: only for trusted files")
-    g = p.add_argument_group("checkpoints and speed")
-    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
-                   help=f"also checkpoint every STEPS steps within an epoch (default {t.checkpoint_every}: epoch ends only)")
-    g.add_argument("--keep-checkpoints", type=int, metavar="K", help=f"checkpoints kept (default {t.keep_checkpoints})")
-    g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
-                   help=f"bf16 autocast, only where the CPU or GPU has it natively; auto picks it there (default {t.precision})")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--channels-last", choices=["auto", "on", "off"],
-                   help=f"channels-last memory layout; auto: for CNNs (default {t.channels_last})")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"(default {t.device}: this rank's GPU if any)")
-    _add_data_args(p, t.data, default=None)
+    _add_train_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a trained run on new data (full, or a linear probe)",
+                       description="Start from RUN's trained weights with a new classifier and train on --data: "
+                                   "every weight (--mode full) or only the classifier (--mode linear, a linear "
+                                   "probe), optionally re-initialising the top --reinit-blocks blocks first.")
+    p.add_argument("run", metavar="RUN_DIR", help="the trained run to start from")
+    p.add_argument("--mode", choices=["full", "linear"], default="full", help="(default full)")
+    p.add_argument("--reinit-blocks", type=int, default=0, metavar="K",
+                   help="re-initialise the top K blocks before fine-tuning (default 0)")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("analyze", help="analyse run directories or models by name and write a report",
                        description="Analyse trained runs (run directories) and/or registered models by name "
@@ -147,6 +123,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include stock timm models")
     p.set_defaults(func=_cmd_models)
     return parser
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of training, shared by ``train`` and ``finetune``."""
+    from .train import TrainConfig
+
+    t = TrainConfig()
+    p.add_argument("--epochs", type=int, help=f"(default {t.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"(default {t.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {t.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"(default {t.weight_decay})")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay (default {t.warmup_epochs})")
+    p.add_argument("--label-smoothing", type=float, help=f"(default {t.label_smoothing})")
+    p.add_argument("--drop-path", type=float, help=f"stochastic depth rate (default {t.drop_path})")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"(default {t.optimizer})")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help=f"Mixup alpha, 0 for off (default {t.mixup})")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help=f"CutMix alpha, 0 for off (default {t.cutmix})")
+    p.add_argument("--spatial-entropy", type=float, metavar="LAMBDA",
+                   help=f"spatial entropy regulariser's peak weight (Peruzzo et al.; 0.01 in the paper; default {t.spatial_entropy})")
+    p.add_argument("--spatial-entropy-warmup", type=float, metavar="EPOCHS",
+                   help=f"epochs of its linear warm-up before the cosine decay (default {t.spatial_entropy_warmup})")
+    p.add_argument("--no-last-attention-skip", dest="last_attention_skip", action="store_false", default=None,
+                   help="the paper's variant: drop the last block's attention skip connection and second norm")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help=f"keep a moving average of the weights with this decay, 0 for off (default {t.ema_decay})")
+    p.add_argument("--seed", type=int, help=f"(default {t.seed})")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--init-weights", metavar="FILE",
+                   help="start from these weights (e.g. a timm .safetensors checkpoint), matched by name")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --init-weights to be a pickle (.pt/.pth), which can run code: only for trusted files")
+    g = p.add_argument_group("checkpoints and speed")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help=f"also checkpoint every STEPS steps within an epoch (default {t.checkpoint_every}: epoch ends only)")
+    g.add_argument("--keep-checkpoints", type=int, metavar="K", help=f"checkpoints kept (default {t.keep_checkpoints})")
+    g.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help=f"bf16 autocast, only where the CPU or GPU has it natively; auto picks it there (default {t.precision})")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--channels-last", choices=["auto", "on", "off"],
+                   help=f"channels-last memory layout; auto: for CNNs (default {t.channels_last})")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"(default {t.device}: this rank's GPU if any)")
+    _add_data_args(p, t.data, default=None)
 
 
 def _add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -225,6 +244,50 @@ def _print_summary(result) -> None:
     print(f"report: {result.report}")
 
 
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """The training options given on the command line (None where not given)."""
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+            "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
+            "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
+            "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,
+            "last_attention_skip": args.last_attention_skip,
+            "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
+            "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+            "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+    from .train.rundir import read_config
+
+    source = read_config(args.run)
+    # The source's architecture; classes and image size are resolved again from the new data.
+    model_args = {k: v for k, v in source.model_args.items() if k not in ("num_classes", "img_size")}
+    base = TrainConfig(model=source.model, model_args=model_args, data=source.data)
+    cfg = base.merged({**_train_overrides(args), "finetune_from": str(args.run), "finetune_mode": args.mode,
+                       "reinit_blocks": args.reinit_blocks})
+    out = args.out or str(Path("runs") / f"{Path(args.run).name}-{args.mode}-{_timestamp()}")
+    return _report_training(train(cfg, out, overwrite=args.overwrite, allow_pickle=args.trust_pickle))
+
+
+def _timestamp() -> str:
+    from datetime import datetime
+
+    return f"{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _report_training(result) -> int:
+    from . import distributed
+
+    if not distributed.current().is_main:
+        return 0
+    print(f"{result.config.model}: val acc {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
+          f"({result.train_time_s:.0f} s of training)")
+    print(f"run: {result.run_dir}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, load_config, train
     from .train.rundir import read_config
@@ -246,25 +309,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cfg = load_recipe(args.recipe)
         else:
             cfg = load_config(args.config) if args.config else TrainConfig()
-        overrides = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                     "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
-                     "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
-                     "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
-                     "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,
-                     "last_attention_skip": args.last_attention_skip,
-                     "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
-                     "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
-                     "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
+        overrides = {"model": args.model, **_train_overrides(args)}
         cfg = cfg.merged(overrides)
-    result = train(cfg, args.out, resume=bool(args.resume), overwrite=args.overwrite, allow_pickle=args.trust_pickle)
-    from . import distributed
-
-    if not distributed.current().is_main:
-        return 0
-    print(f"{cfg.model}: val acc {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
-          f"({result.train_time_s:.0f} s of training)")
-    print(f"run: {result.run_dir}")
-    return 0
+    return _report_training(train(cfg, args.out, resume=bool(args.resume), overwrite=args.overwrite,
+                                  allow_pickle=args.trust_pickle))
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:

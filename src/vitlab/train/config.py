@@ -54,6 +54,12 @@ class TrainConfig:
     #: Exponential moving average of the weights (timm's ModelEmaV3, with warm-up), evaluated
     #: beside the model every epoch and saved as ``model_ema.safetensors``; 0 turns it off.
     ema_decay: float = 0.0
+    #: Transfer (``vitlab finetune``): start from this run directory's trained weights with a new
+    #: classifier; ``full`` trains every weight, ``linear`` only the classifier (a linear probe);
+    #: ``reinit_blocks`` re-initialises the top k blocks first (Matsoukas et al.'s feature reuse).
+    finetune_from: str | None = None
+    finetune_mode: str = "full"
+    reinit_blocks: int = 0
     #: Spatial entropy regulariser (Peruzzo et al.): its peak weight (0: off; the paper's is
     #: 0.01), reached after a linear warm-up of this many epochs, then a cosine decay to zero.
     spatial_entropy: float = 0.0
@@ -99,6 +105,8 @@ class TrainConfig:
              f"Mixup and CutMix pair images within a batch: use an even batch size, not {self.batch_size}"),
             (self.spatial_entropy >= 0 and self.spatial_entropy_warmup >= 0,
              "spatial_entropy and spatial_entropy_warmup must be non-negative"),
+            (self.finetune_mode in ("full", "linear"), f"finetune_mode must be full or linear, not '{self.finetune_mode}'"),
+            (self.reinit_blocks >= 0, f"reinit_blocks must be non-negative, not {self.reinit_blocks}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), not {self.ema_decay}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be 0 or a number of steps, not {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),

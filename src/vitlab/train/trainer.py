@@ -42,6 +42,7 @@ from ..models import count_parameters, create_model
 from ..weights import load_weights_file
 from . import accel, rundir
 from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
+from .transfer import freeze_for, prepare_transfer
 from .config import TrainConfig
 
 
@@ -160,6 +161,13 @@ def train(
         report = load_weights_file(model, cfg.init_weights, allow_pickle=allow_pickle)
         if show:
             tqdm.write(f"{cfg.model}: {report}")
+    if cfg.finetune_from and not resume:
+        seed_all(cfg.seed)
+        fresh = build_model(cfg)  # the seed's own initialisation: what re-initialised parts start from
+        reset = prepare_transfer(model, fresh, str(Path(cfg.finetune_from) / rundir.WEIGHTS), cfg.reinit_blocks)
+        if show:
+            tqdm.write(f"{cfg.model}: weights of {cfg.finetune_from}, new {', '.join(reset)}")
+    frozen = freeze_for(model, cfg.finetune_mode)
     if not resume and world.is_main:  # only once the model builds: a bad option must not leave a half-made run
         rundir.save_config(run_dir, cfg)
         rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
@@ -226,6 +234,8 @@ def train(
     for epoch in range(epoch, last_epoch):
         batches.set_epoch(epoch, start_step=step)
         net.train()
+        for module in frozen:  # a linear probe: the frozen features stay in eval mode (BatchNorm, dropout)
+            module.eval()
         bar = tqdm(train_loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", disable=not show,
                    leave=False, unit="batch", dynamic_ncols=True, initial=step, total=steps_per_epoch)
         started = time.perf_counter()
