@@ -286,6 +286,17 @@ def test_shape_bias_counts_decisions():
         assert result.shape_bias == expected and result.num_images == 40
 
 
+def test_conflict_batches_stream_the_requested_images():
+    from vitlab.analysis.shape_bias import conflict_batches
+
+    batches = list(conflict_batches(70, batch_size=32))
+    assert [b[0].shape[0] for b in batches] == [32, 32, 6]
+    assert all((shapes != textures).all() for _, shapes, textures in batches)
+    assert batches[0][0].shape[1:] == (3, 32, 32) and 0 <= batches[0][0].min() and batches[0][0].max() <= 1
+    again = next(conflict_batches(70, batch_size=32))
+    assert torch.equal(again[0], batches[0][0])  # the same stream every time
+
+
 def test_geirhos_protocol_on_a_cue_conflict_folder(tmp_path):
     names = sorted(GEIRHOS_CATEGORIES)
     stimuli = [("cat", "elephant"), ("dog", "clock"), ("knife", "bottle"), ("car", "car")]  # the last agrees

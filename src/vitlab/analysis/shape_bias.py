@@ -88,6 +88,20 @@ class ConflictShapes(Dataset):
         return self.images[index], self.labels[index], self.textures[index]
 
 
+def conflict_batches(num_images: int, image_size: int = 32, batch_size: int = 256, seed: int = 12345):
+    """Cue-conflict ``shapes`` batches ``(images, shapes, textures)``, rendered one batch at a time.
+
+    Memory stays that of one batch however many images are scored (batch ``k`` is rendered
+    from seed ``seed + k``, so the stream is the same every time).
+    """
+    from ..data.shapes import ShapesConfig, render_shapes
+
+    for k, start in enumerate(range(0, num_images, batch_size)):
+        n = min(batch_size, num_images - start)
+        arrays = render_shapes(ShapesConfig(num_images=n, image_size=image_size, seed=seed + k, texture_mode="conflict"))
+        yield arrays.images.float() / 255, arrays.labels.long(), arrays.textures.long()
+
+
 def _score(decisions: Tensor, shapes: Tensor, textures: Tensor) -> tuple[int, int, int, int]:
     conflict = shapes != textures
     d, s, t = decisions[conflict], shapes[conflict], textures[conflict]
@@ -102,7 +116,7 @@ def shapes_shape_bias(subject, loader: Iterable | None = None, num_images: int =
         raise VitlabError(f"{subject.name} has {subject.model.num_classes} classes; the shapes protocol needs a "
                           "model trained on shapes (10 classes); for ImageNet models use the Geirhos protocol")
     size = (subject.anatomy.image_size or (32, 32))[0]
-    loader = loader or DataLoader(ConflictShapes(num_images, image_size=size), batch_size=batch_size)
+    loader = loader or conflict_batches(num_images, image_size=size, batch_size=batch_size)
     counts = np.zeros(4, dtype=np.int64)
     for images, shapes, textures in tqdm(loader, desc=f"shape bias of {subject.name}", disable=not progress, leave=False):
         decisions = subject.model(subject.prepare(images)).argmax(1)
