@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of a ViT (MP3 position prediction)",
+                       description="Pretrain a ViT without labels and write a run directory that vitlab finetune "
+                                   "takes. mp3: the ViT runs without its position embedding and learns to predict "
+                                   "every patch's position, attending to a random subset of the patches "
+                                   "(Zhai et al. 2022).")
+    p.add_argument("--method", choices=["mp3"], required=True, help="pretraining method")
+    p.add_argument("--model", metavar="NAME", help="a ViT, e.g. vit_tiny_patch4_32")
+    p.add_argument("--mp3-keep", type=float, metavar="F", help="fraction of patches used as keys (default 0.25)")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_pretrain)
+
     p = sub.add_parser("finetune", help="fine-tune a trained run on new data (full, or a linear probe)",
                        description="Start from RUN's trained weights with a new classifier and train on --data: "
                                    "every weight (--mode full) or only the classifier (--mode linear, a linear "
@@ -257,6 +268,14 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig().merged({"model": args.model, **_train_overrides(args), "objective": args.method,
+                                "mp3_keep": args.mp3_keep})
+    return _report_training(train(cfg, args.out, overwrite=args.overwrite, allow_pickle=args.trust_pickle))
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     from .train.rundir import read_config
@@ -282,7 +301,8 @@ def _report_training(result) -> int:
 
     if not distributed.current().is_main:
         return 0
-    print(f"{result.config.model}: val acc {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
+    what = "val position accuracy" if result.config.objective == "mp3" else "val acc"
+    print(f"{result.config.model}: {what} {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
           f"({result.train_time_s:.0f} s of training)")
     print(f"run: {result.run_dir}")
     return 0

@@ -54,6 +54,10 @@ class TrainConfig:
     #: Exponential moving average of the weights (timm's ModelEmaV3, with warm-up), evaluated
     #: beside the model every epoch and saved as ``model_ema.safetensors``; 0 turns it off.
     ema_decay: float = 0.0
+    #: ``supervised`` (labels), or ``mp3``: pretraining by masked patch position prediction
+    #: (Zhai et al.; ``vitlab pretrain --method mp3``), keys from a random ``mp3_keep`` of the patches.
+    objective: str = "supervised"
+    mp3_keep: float = 0.25
     #: Transfer (``vitlab finetune``): start from this run directory's trained weights with a new
     #: classifier; ``full`` trains every weight, ``linear`` only the classifier (a linear probe);
     #: ``reinit_blocks`` re-initialises the top k blocks first (Matsoukas et al.'s feature reuse).
@@ -107,6 +111,9 @@ class TrainConfig:
              "spatial_entropy and spatial_entropy_warmup must be non-negative"),
             (self.finetune_mode in ("full", "linear"), f"finetune_mode must be full or linear, not '{self.finetune_mode}'"),
             (self.reinit_blocks >= 0, f"reinit_blocks must be non-negative, not {self.reinit_blocks}"),
+            (self.objective in ("supervised", "mp3"), f"objective must be supervised or mp3, not '{self.objective}'"),
+            (self.objective == "supervised" or not (self.mixup or self.cutmix),
+             "Mixup/CutMix mix labels; position prediction has none to mix: turn them off for --method mp3"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), not {self.ema_decay}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be 0 or a number of steps, not {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),

@@ -41,6 +41,7 @@ from ..errors import VitlabError
 from ..models import count_parameters, create_model
 from ..weights import load_weights_file
 from . import accel, rundir
+from .position_prediction import PositionPrediction, position_accuracy
 from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
 from .transfer import freeze_for, prepare_transfer
 from .config import TrainConfig
@@ -174,7 +175,11 @@ def train(
     precision = accel.resolve_precision(cfg.precision, world.device)
     channels_last = accel.use_channels_last(cfg.channels_last, model)
     model.to(world.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    optimizer = create_optimizer_v2(model, "momentum" if cfg.optimizer == "sgd" else "adamw", lr=cfg.lr,
+    # Pretraining objectives with parameters of their own (MP3's position head) wrap the model:
+    # the wrapper is what the optimizer, DDP and the loss see; model.safetensors stays the model.
+    task = PositionPrediction(model, cfg.mp3_keep).to(world.device) if cfg.objective == "mp3" else None
+    trained = task or model
+    optimizer = create_optimizer_v2(trained, "momentum" if cfg.optimizer == "sgd" else "adamw", lr=cfg.lr,
                                     weight_decay=cfg.weight_decay,
                                     **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
     # The weights' moving average: stateless apart from its weights (the decay follows the step).
@@ -193,6 +198,8 @@ def train(
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
                 label_smoothing=cfg.label_smoothing, num_classes=info.num_classes) if cfg.mixup or cfg.cutmix else None
     train_loss_fn = SoftTargetCrossEntropy() if mix else loss_fn
+    if cfg.objective == "mp3":
+        train_loss_fn = loss_fn = nn.CrossEntropyLoss()  # N-way position classification, unsmoothed
     entropy_probe = SpatialEntropyProbe(model, cfg.model) if cfg.spatial_entropy else None
     entropy_warmup = round(cfg.spatial_entropy_warmup * steps_per_epoch)
 
@@ -204,13 +211,15 @@ def train(
     state = rundir.load_state(run_dir) if resume else None
     if state is not None:
         rundir.restore_state(run_dir, state, model, optimizer)
+        if task is not None:
+            task.head.load_state_dict(state["task"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         epoch, step = state["position"]["epoch"], state["position"]["step"]
         metrics, sums = list(state["metrics"]), EpochSums(**state.get("sums", {}))
     params = count_parameters(model)
     elapsed = metrics[-1]["time_s"] if metrics else 0.0
-    net = DistributedDataParallel(model) if world.distributed else model
+    net = DistributedDataParallel(trained) if world.distributed else trained
     net = accel.compile_model(net) if cfg.compile else net
 
     def checkpoint(next_epoch: int, next_step: int, sums: EpochSums) -> None:
@@ -222,6 +231,7 @@ def train(
                 "position": {"epoch": next_epoch, "step": next_step}, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "metrics": metrics, "sums": dataclasses.asdict(sums),
                 **({"ema": ema.module.state_dict()} if ema is not None else {}),
+                **({"task": task.head.state_dict()} if task is not None else {}),
                 "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.keep_checkpoints)
         distributed.barrier()
 
@@ -256,6 +266,9 @@ def train(
             try:
                 with accel.autocast(precision, world.device):
                     outputs = net(images)
+                    if task is not None:  # position prediction: every token's grid index is its label
+                        outputs, labels = outputs.flatten(0, 1), task.targets(images.shape[0], images.device)
+                        targets = labels
                     # Models with several heads (early exits) return a list, final head last: every
                     # head learns from the labels, and accuracy is the final head's.
                     heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
@@ -270,7 +283,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
                 optimizer.step()
                 if ema is not None:
                     ema.update(model, step=global_step)
@@ -293,11 +306,16 @@ def train(
         sums.seconds += time.perf_counter() - started
         elapsed += sums.seconds
         total = sums.reduced()
-        val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=show, precision=precision, device=world.device)
+        if task is not None:  # accuracy of position prediction, over every token of the validation images
+            val_loss, val_acc = position_accuracy(task, val_loader, world.device)
+        else:
+            val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=show, precision=precision,
+                                         device=world.device)
         metrics.append(dict(epoch=epoch + 1, step=global_step, lr=optimizer.param_groups[0]["lr"],
                             train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                             val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
-                            images_per_s=round(total.seen / max(sums.seconds, 1e-9), 1)))
+                            images_per_s=round(total.seen / (task.num_patches if task else 1)
+                                               / max(sums.seconds, 1e-9), 1)))
         if entropy_probe is not None:
             metrics[-1]["spatial_entropy"] = total.entropy / total.seen
         if ema is not None:

@@ -1,0 +1,77 @@
+"""MP3: masked patch position prediction as pretraining (Zhai et al. 2022, "Position Prediction as an
+Effective Pretraining Strategy").
+
+The ViT runs without its position embedding, so it must work out where each patch came from.
+Every token is a query, but keys and values come only from a random subset of the patches (25%
+kept by default; class tokens are always kept), which makes the task hard enough to learn
+spatial structure. A linear head maps each output token to logits over the N grid positions,
+trained with N-way cross-entropy. Fine-tuning (``vitlab finetune RUN``) then trains the same ViT
+with its position embedding and a classifier.
+
+Built on timm's ``VisionTransformer``: the key subset is an attention mask that every timm
+``Block`` accepts, so the blocks themselves are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import VitlabError
+
+
+class PositionPrediction(nn.Module):
+    """A ViT and a position head: ``forward(images)`` gives (batch, patches, patches) position logits."""
+
+    def __init__(self, vit: nn.Module, keep: float = 0.25) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(vit, VisionTransformer):
+            raise VitlabError(f"MP3 position prediction needs a ViT (timm VisionTransformer), not "
+                              f"{type(vit).__name__}; use e.g. vit_tiny_patch4_32 (vitlab models 'vit*')")
+        if not 0 < keep <= 1:
+            raise VitlabError(f"mp3_keep (the fraction of patches used as keys) must be in (0, 1], not {keep}")
+        self.vit, self.keep = vit, keep
+        self.num_patches = vit.patch_embed.num_patches
+        self.head = nn.Linear(vit.embed_dim, self.num_patches)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(images)  # (B, N, D): no position embedding
+        b, n, _ = x.shape
+        prefix = [t.expand(b, -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+        p = sum(t.shape[1] for t in prefix)
+        x = vit.norm_pre(torch.cat(prefix + [x], dim=1))
+        # Keys and values: a random subset of the patches per image (prefix tokens always kept).
+        kept = max(1, round(self.keep * n))
+        chosen = torch.rand(b, n, device=x.device).argsort(1)[:, :kept]
+        keys = torch.zeros(b, p + n, dtype=torch.bool, device=x.device)
+        keys[:, :p] = True
+        keys.scatter_(1, chosen + p, True)
+        mask = keys[:, None, None, :]  # (B, 1, 1, tokens): every query sees the same keys
+        for block in vit.blocks:
+            x = block(x, attn_mask=mask)
+        return self.head(vit.norm(x)[:, p:])
+
+    def targets(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The position index of every token, flattened like ``forward(...).flatten(0, 1)``."""
+        return torch.arange(self.num_patches, device=device).repeat(batch)
+
+
+@torch.inference_mode()
+def position_accuracy(task: PositionPrediction, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Mean position-prediction loss and accuracy over the images of ``loader`` (labels unused)."""
+    was_training = task.training
+    task.eval()
+    loss_sum = correct = seen = 0.0
+    for images, _ in loader:
+        images = images.to(device)
+        logits = task(images).flatten(0, 1).float()
+        targets = task.targets(images.shape[0], logits.device)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += targets.numel()
+    task.train(was_training)
+    return (loss_sum / seen, correct / seen) if seen else (float("nan"), float("nan"))
