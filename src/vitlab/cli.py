@@ -157,6 +157,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"epochs of its linear warm-up before the cosine decay (default {t.spatial_entropy_warmup})")
     p.add_argument("--no-last-attention-skip", dest="last_attention_skip", action="store_false", default=None,
                    help="the paper's variant: drop the last block's attention skip connection and second norm")
+    p.add_argument("--exit-training", choices=["joint", "branches", "copycat"],
+                   help="early-exit models: every head on the labels (joint, default), or the backbone frozen and "
+                        "the branches on the labels (branches) or copying the final head (copycat)")
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help=f"keep a moving average of the weights with this decay, 0 for off (default {t.ema_decay})")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
@@ -262,7 +265,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
             "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
             "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,
-            "last_attention_skip": args.last_attention_skip,
+            "last_attention_skip": args.last_attention_skip, "exit_training": args.exit_training,
             "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
             "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
             "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}

@@ -39,7 +39,8 @@ from .subjects import Subject
 
 #: Every analysis, in report order.
 ANALYSES = ("cka", "attention_distance", "attention_heads", "skip_connections", "localisation", "probes",
-            "robustness", "shape_bias", "feature_visualisation", "erf", "feature_reuse", "conv_attention")
+            "robustness", "shape_bias", "feature_visualisation", "erf", "feature_reuse", "conv_attention",
+            "early_exits")
 #: Analyses of the shared streamed pass.
 STREAMED = ("cka", "attention_distance", "attention_heads", "skip_connections", "localisation")
 
@@ -461,10 +462,22 @@ def _conv_attention(subjects, loader, options, out, progress, **_) -> None:
         out.add("conv_attention", s.name, conv_attention_error(conv, options.conv_attention_patch, image_size=size))
 
 
+def _early_exits(subjects, loader, options, out, progress, **_) -> None:
+    from ..models.early_exit import EarlyExitModel
+    from .early_exits import exit_curve
+
+    _labelled(loader, "early exits")
+    for s in subjects:
+        if isinstance(s.model, EarlyExitModel):
+            out.add("early_exits", s.name, exit_curve(s, loader))
+        else:
+            out.notes.append(f"early exits: not applicable to {s.name} (no exit branches)")
+
+
 _SEPARATE: dict[str, Callable[..., None]] = {
     "probes": _probes, "robustness": _robustness, "shape_bias": _shape_bias,
     "feature_visualisation": _feature_visualisation, "erf": _erf, "feature_reuse": _feature_reuse,
-    "conv_attention": _conv_attention,
+    "conv_attention": _conv_attention, "early_exits": _early_exits,
 }
 
 

@@ -22,6 +22,11 @@ from ..train.rundir import atomic_write_bytes
 from .figures import data_uri, figure_png
 
 CAPTIONS = {
+    "early_exits": (
+        "Accuracy against compute of each early-exit model on {n} images, one point per confidence threshold "
+        "(an image leaves at the first exit whose top probability reaches it; 'off' never exits early): points "
+        "up and to the left are better, and the curve's flat part is compute the exits save for free."
+    ),
     "curves": (
         "Validation (solid) and training (dashed) accuracy after each epoch on the left, training loss "
         "on the right: a model near 1/classes learned nothing, and a widening gap between the lines "
@@ -106,6 +111,7 @@ SECTIONS = {
     "erf": "Effective receptive field",
     "feature_reuse": "Feature reuse",
     "conv_attention": "Convolution as attention",
+    "early_exits": "Early exits: accuracy against compute",
 }
 
 

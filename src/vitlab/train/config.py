@@ -58,6 +58,10 @@ class TrainConfig:
     #: (Zhai et al.; ``vitlab pretrain --method mp3``), keys from a random ``mp3_keep`` of the patches.
     objective: str = "supervised"
     mp3_keep: float = 0.25
+    #: Early-exit models: ``joint`` (every head learns from the labels), ``branches`` (the backbone
+    #: frozen, the exit branches learn from the labels) or ``copycat`` (the backbone frozen, each
+    #: branch learns to copy the final head's predictions; Bakhtiarnia et al.'s second stage).
+    exit_training: str = "joint"
     #: Transfer (``vitlab finetune``): start from this run directory's trained weights with a new
     #: classifier; ``full`` trains every weight, ``linear`` only the classifier (a linear probe);
     #: ``reinit_blocks`` re-initialises the top k blocks first (Matsoukas et al.'s feature reuse).
@@ -114,6 +118,8 @@ class TrainConfig:
             (self.objective in ("supervised", "mp3"), f"objective must be supervised or mp3, not '{self.objective}'"),
             (self.objective == "supervised" or not (self.mixup or self.cutmix),
              "Mixup/CutMix mix labels; position prediction has none to mix: turn them off for --method mp3"),
+            (self.exit_training in ("joint", "branches", "copycat"),
+             f"exit_training must be joint, branches or copycat, not '{self.exit_training}'"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), not {self.ema_decay}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be 0 or a number of steps, not {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}"),

@@ -169,6 +169,13 @@ def train(
         if show:
             tqdm.write(f"{cfg.model}: weights of {cfg.finetune_from}, new {', '.join(reset)}")
     frozen = freeze_for(model, cfg.finetune_mode)
+    if cfg.exit_training != "joint":
+        from ..models.early_exit import EarlyExitModel
+
+        if not isinstance(model, EarlyExitModel):
+            raise VitlabError(f"--exit-training {cfg.exit_training} trains exit branches, and {cfg.model} has none; "
+                              "use an early_exit_* model (vitlab models 'early_exit*')")
+        model.freeze_backbone()  # stage two: the trained backbone (from --init-weights) stays as it is
     if not resume and world.is_main:  # only once the model builds: a bad option must not leave a half-made run
         rundir.save_config(run_dir, cfg)
         rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
@@ -272,7 +279,13 @@ def train(
                     # Models with several heads (early exits) return a list, final head last: every
                     # head learns from the labels, and accuracy is the final head's.
                     heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-                    loss = sum(train_loss_fn(head.float(), targets) for head in heads)
+                    if cfg.exit_training == "copycat":  # each branch learns the final head's decisions
+                        copied = heads[-1].detach().argmax(1)
+                        loss = sum(loss_fn(head.float(), copied) for head in heads[:-1])
+                    elif cfg.exit_training == "branches":
+                        loss = sum(train_loss_fn(head.float(), targets) for head in heads[:-1])
+                    else:
+                        loss = sum(train_loss_fn(head.float(), targets) for head in heads)
                     if entropy_probe is not None:
                         entropy = entropy_probe.loss()
                         loss = loss + entropy_weight(global_step, cfg.epochs * steps_per_epoch, entropy_warmup,
