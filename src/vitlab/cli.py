@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Zhai et al. 2022).")
     p.add_argument("--method", choices=["mp3"], required=True, help="pretraining method")
     p.add_argument("--model", metavar="NAME", help="a ViT, e.g. vit_tiny_patch4_32")
-    p.add_argument("--mp3-keep", type=float, metavar="F", help="fraction of patches used as keys (default 0.25)")
+    p.add_argument("--mp3-keep", type=float, metavar="F",
+                   help=f"fraction of patches used as keys (default {TrainConfig().mp3_keep})")
     _add_train_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -137,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """The options of training, shared by ``train`` and ``finetune``."""
+    """The options of training, shared by ``train``, ``pretrain`` and ``finetune``."""
     from .train import TrainConfig
 
     t = TrainConfig()
     p.add_argument("--epochs", type=int, help=f"(default {t.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {t.batch_size})")
-    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {t.lr})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, reached after the warm-up (default {t.lr})")
     p.add_argument("--weight-decay", type=float, help=f"(default {t.weight_decay})")
     p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay (default {t.warmup_epochs})")
     p.add_argument("--label-smoothing", type=float, help=f"(default {t.label_smoothing})")
@@ -289,14 +290,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     base = TrainConfig(model=source.model, model_args=model_args, data=source.data)
     cfg = base.merged({**_train_overrides(args), "finetune_from": str(args.run), "finetune_mode": args.mode,
                        "reinit_blocks": args.reinit_blocks})
-    out = args.out or str(Path("runs") / f"{Path(args.run).name}-{args.mode}-{_timestamp()}")
+    from .train.rundir import timestamp
+
+    out = args.out or str(Path("runs") / f"{Path(args.run).name}-{args.mode}-{timestamp()}")
     return _report_training(train(cfg, out, overwrite=args.overwrite, allow_pickle=args.trust_pickle))
-
-
-def _timestamp() -> str:
-    from datetime import datetime
-
-    return f"{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _report_training(result) -> int:

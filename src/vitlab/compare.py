@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ from .errors import VitlabError
 from .models import check_model_name
 from .report.html import ReportMeta, write_report
 from .train import TrainConfig, train
-from .train.rundir import INIT_WEIGHTS
+from .train.rundir import INIT_WEIGHTS, timestamp
 
 
 @dataclass
@@ -110,7 +109,7 @@ def compare(
     check_analyses(analyses)
     data = data or default_data()
     recipes = _recipes_for(models)  # every name is checked before any training starts
-    out_dir = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    out_dir = Path(out) if out else Path("runs") / f"compare-{timestamp()}"
     if resume and overwrite:
         raise VitlabError("--resume continues the comparison in --out and --overwrite replaces it; pass one of them")
     if resume and not out_dir.is_dir():
@@ -225,7 +224,7 @@ def analyze(
     check_analyses(analyses)
     world = distributed.setup("cpu")  # under torchrun: the streamed analyses split the batches (gloo)
     data = data or default_data()
-    out_dir = Path(out) if out else Path("runs") / f"analyze-{datetime.now():%Y%m%d-%H%M%S}"
+    out_dir = Path(out) if out else Path("runs") / f"analyze-{timestamp()}"
     out_dir = Path(distributed.broadcast_object(str(out_dir)))
     runs = [Path(spec) for spec in specs if Path(spec).is_dir()]
     if world.is_main:

@@ -53,19 +53,24 @@ def setup(device: str = "auto") -> World:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes, in place (float64 stays float64); no-op for one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def _several() -> bool:
+    """Whether this process is one of a process group of more than one."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several():
         dist.barrier()
 
 
 def broadcast_object(obj):
     """``obj`` as rank 0 has it, on every process."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -76,7 +81,9 @@ def current() -> World:
     """The world of an already set-up job (a world of one outside torchrun)."""
     if not dist.is_initialized():
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    nccl = dist.get_backend() == "nccl"  # NCCL runs on this rank's GPU, gloo on the CPU
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
 def all_reduce_fields(obj, names: tuple[str, ...]) -> None:
@@ -86,7 +93,7 @@ def all_reduce_fields(obj, names: tuple[str, ...]) -> None:
     process: every rank saw the same layers). Used by the analyses' accumulators, whose results
     are functions of such sums only, so the reduced accumulator equals one fed every batch.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return
     for name in names:
         value = getattr(obj, name)
@@ -99,9 +106,5 @@ def all_reduce_fields(obj, names: tuple[str, ...]) -> None:
 
 def _reduced(value):
     if isinstance(value, torch.Tensor):
-        out = value.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return type(value)(total.item())
+        return all_reduce_sum(value.clone())
+    return type(value)(all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item())

@@ -63,7 +63,11 @@ def use_channels_last(setting: str, model: nn.Module) -> bool:
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)``; a missing compiler toolchain gets one line instead of a trace."""
+    """``torch.compile(model)``; a setup torch.compile refuses outright gets one line instead of a trace.
+
+    Compilation itself happens on the first forward pass, so errors of the compiler toolchain
+    surface there, not here.
+    """
     try:
         return torch.compile(model)
     except Exception as e:  # noqa: BLE001  (the backends raise many kinds)

@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ STATE_PATTERN, LEGACY_STATE = "state-*.pt", "state.pt"
 INIT_WEIGHTS = "init.safetensors"
 #: The moving average of the weights, for runs with ``ema_decay`` (evaluated as ``val_acc_ema``).
 EMA_WEIGHTS = "model_ema.safetensors"
+
+
+def timestamp() -> str:
+    """The time, as default run and report directories are named (``20261202-024315``)."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -121,11 +127,15 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"state-{step:08d}.pt"
 
 
+def _numbered_checkpoints(run_dir: Path) -> list[Path]:
+    """The ``state-<step>.pt`` files, newest first (zero-padded steps sort as numbers)."""
+    return sorted(Path(run_dir).glob(STATE_PATTERN), reverse=True)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints, newest (highest step) first; a legacy ``state.pt`` comes last."""
-    found = sorted(Path(run_dir).glob(STATE_PATTERN), reverse=True)
     legacy = Path(run_dir) / LEGACY_STATE
-    return found + ([legacy] if legacy.exists() else [])
+    return _numbered_checkpoints(run_dir) + ([legacy] if legacy.exists() else [])
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int = 3) -> Path:
@@ -134,7 +144,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int =
     torch.save(state, buffer)
     path = checkpoint_path(run_dir, step)
     atomic_write_bytes(path, buffer.getvalue())
-    for old in sorted(Path(run_dir).glob(STATE_PATTERN), reverse=True)[max(keep, 1):]:
+    for old in _numbered_checkpoints(run_dir)[max(keep, 1):]:
         old.unlink(missing_ok=True)
     return path
 

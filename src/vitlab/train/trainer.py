@@ -18,7 +18,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ from ..errors import VitlabError
 from ..models import count_parameters, create_model
 from ..weights import load_weights_file
 from . import accel, rundir
+from .config import TrainConfig
 from .position_prediction import PositionPrediction, position_accuracy
 from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
 from .transfer import freeze_for, prepare_transfer
-from .config import TrainConfig
 
 
 @dataclass
@@ -69,7 +68,7 @@ class TrainResult:
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     """``runs/<model>-<data>-<timestamp>``."""
     data = cfg.data.name.replace("imagefolder:", "folder-").rstrip("/").replace("/", "_").replace(":", "_")
-    return Path(root) / f"{cfg.model}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(root) / f"{cfg.model}-{data}-{rundir.timestamp()}"
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -261,9 +260,10 @@ def train(
                 stack.close()
                 return TrainResult(run_dir, model, cfg, info, metrics)  # "killed" right after a checkpoint
             scheduler.step_update(global_step)
-            seed_all(mix_seed(cfg.seed, global_step, world.rank))  # dropout and stochastic depth of this step
+            step_seed = mix_seed(cfg.seed, global_step, world.rank)  # dropout and stochastic depth of this step
+            seed_all(step_seed)
             if world.device.type == "cuda":
-                torch.cuda.manual_seed(mix_seed(cfg.seed, global_step, world.rank))
+                torch.cuda.manual_seed(step_seed)
             images, labels = images.to(world.device, non_blocking=True), labels.to(world.device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
