@@ -32,14 +32,19 @@ def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shap
                    help=f"augmentation preset (default {base.augment})")
     g.add_argument("--crop-scale", type=float, metavar="S",
                    help=f"resized-crop-flip: smallest fraction of the area kept (default {base.crop_scale})")
-    g.add_argument("--randaugment", metavar="CFG", help="timm RandAugment config, e.g. rand-m9-mstd0.5 (default off)")
+    g.add_argument("--randaugment", metavar="CFG",
+                   help="timm RandAugment config, e.g. rand-m9-mstd0.5, or 'none' to turn a recipe's off (default off)")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help=f"image folders without train/val sub-folders: the seeded class-balanced fraction held out "
+                        f"for validation (default {base.val_fraction})")
 
 
 def _data_overrides(args: argparse.Namespace) -> dict:
     return {"data.name": args.data, "data.image_size": args.image_size, "data.root": args.data_root,
             "data.download": args.download or None, "data.num_train": args.num_train,
             "data.num_val": args.num_val, "data.num_workers": args.num_workers, "data.texture_mode": args.texture_mode,
-            "data.augment": args.augment, "data.randaugment": args.randaugment, "data.crop_scale": args.crop_scale}
+            "data.augment": args.augment, "data.randaugment": args.randaugment, "data.crop_scale": args.crop_scale,
+            "data.val_fraction": args.val_fraction}
 
 
 def _data_config(args: argparse.Namespace, base=None):
@@ -145,6 +150,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help=f"(default {t.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {t.batch_size})")
     p.add_argument("--lr", type=float, help=f"peak learning rate, reached after the warm-up (default {t.lr})")
+    p.add_argument("--min-lr", type=float, help=f"floor of the cosine decay (default {t.min_lr})")
     p.add_argument("--weight-decay", type=float, help=f"(default {t.weight_decay})")
     p.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay (default {t.warmup_epochs})")
     p.add_argument("--label-smoothing", type=float, help=f"(default {t.label_smoothing})")
@@ -262,7 +268,7 @@ def _print_summary(result) -> None:
 def _train_overrides(args: argparse.Namespace) -> dict:
     """The training options given on the command line (None where not given)."""
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+            "weight_decay": args.weight_decay, "min_lr": args.min_lr, "warmup_epochs": args.warmup_epochs,
             "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
             "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
             "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,

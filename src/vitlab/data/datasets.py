@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ..errors import VitlabError, unknown_name_error
-from .images import load_rgb, scan_images
+from .images import DecodedCache, load_rgb, scan_images
 from .shapes import SHAPE_CLASSES, ShapesConfig, default_cache_dir, load_shapes
 from .transforms import build_transform
 
@@ -200,6 +200,8 @@ def _cifar(kind: str, cfg: DataConfig, split: str) -> tuple[Dataset, DatasetInfo
 
 
 _NAMED_FILES = 5  # unreadable files named in the warning
+#: Image folders whose decoded pixels fit in this many bytes are kept in memory once decoded.
+DECODED_CACHE_BYTES = 1 << 30
 _warned_scans: set = set()  # folders already warned about in this process (train and val both ask)
 
 
@@ -244,6 +246,8 @@ def _imagefolder(path: str, cfg: DataConfig, split: str, seed: int,
             more = f" and {len(scan.unreadable) - _NAMED_FILES} more" if len(scan.unreadable) > _NAMED_FILES else ""
             warnings.warn(f"skipped {len(scan.unreadable)} of {total} images in '{scan_root}' that cannot be "
                           f"read: {named}{more}", stacklevel=3)
+    if sum(w * h * 3 * n for (w, h), n in scan.sizes.items()) <= DECODED_CACHE_BYTES:
+        folder.loader = DecodedCache()  # small images: decode each file once, not once per epoch
     if has_splits:
         dataset: Dataset = folder
     else:

@@ -50,6 +50,24 @@ def load_rgb(path: str) -> Image.Image:
         return to_rgb(image)
 
 
+class DecodedCache:
+    """``load_rgb`` that keeps every decoded image in memory, for data sets small enough to hold.
+
+    Decoding a 32x32 JPEG costs about 150 us, as much as a training step spends on the image's
+    share of a small model's forward pass; CIFAR-10 decoded is 150 MB. Each DataLoader worker
+    fills its own copy during the first epoch (persistent workers keep it).
+    """
+
+    def __init__(self) -> None:
+        self.images: dict[str, Image.Image] = {}
+
+    def __call__(self, path: str) -> Image.Image:
+        image = self.images.get(path)
+        if image is None:
+            image = self.images[path] = load_rgb(path)
+        return image
+
+
 # --- the scan for unreadable files ------------------------------------------------------------
 
 #: Folders with at least this many files keep their scan on disk. Decoding takes 0.1-0.2 ms per

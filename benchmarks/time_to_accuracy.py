@@ -1,0 +1,183 @@
+"""Time to accuracy on CIFAR-10 on this machine: validation accuracy against wall-clock training time.
+
+Each entry of :data:`RUNS` is an ordinary ``vitlab train`` run (recipe plus overrides, printed as
+the equivalent command) on ``imagefolder:../shared/data/cifar10/train`` with a fixed seeded,
+class-balanced hold-out of 5,000 images (``val_fraction 0.1``; the same seed gives the same split)
+that is never trained on. The schedule of each run is sized to its time budget on a 2-core CPU
+(its epochs times the measured seconds per epoch), because a cosine schedule must know where it
+ends; the x axis is the run's own training time (``time_s`` in ``metrics.jsonl``, evaluation
+excluded). Prints a table (markdown with ``--markdown FILE``) and draws the curves (``--plot``).
+
+Runs live in ``--out``: a finished run is read back, not trained again, and an interrupted one
+resumes, so the table and figure can be redrawn at no cost.
+
+    python benchmarks/time_to_accuracy.py                        # cct, resnet, vit, one after another
+    python benchmarks/time_to_accuracy.py --runs cct --plot docs/time_to_accuracy.png
+
+Measure on a quiet machine: the figures are wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitlab.data import DataConfig
+from vitlab.models import count_parameters
+from vitlab.train import TrainConfig, train
+from vitlab.train.recipes import load_recipe
+from vitlab.train.rundir import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10" / "train"
+THRESHOLDS = (0.70, 0.80, 0.85, 0.90)
+
+
+@dataclass
+class Run:
+    """One curve: a recipe and the overrides that size it to the budget."""
+
+    recipe: str
+    overrides: dict = field(default_factory=dict)
+    budget_min: float = 30.0
+
+    def config(self, data: str, workers: int) -> TrainConfig:
+        values = {**self.overrides, "data.name": f"imagefolder:{data}", "data.val_fraction": 0.1,
+                  "data.num_workers": workers, "seed": 0}
+        return load_recipe(self.recipe).merged(values)
+
+    def command(self, data: str, workers: int, out: Path) -> str:
+        """The ``vitlab train`` command line that trains exactly this run."""
+        flags = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "model": "--model",
+                 "warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay", "min_lr": "--min-lr",
+                 "label_smoothing": "--label-smoothing", "drop_path": "--drop-path", "mixup": "--mixup",
+                 "cutmix": "--cutmix", "ema_decay": "--ema-decay", "data.randaugment": "--randaugment",
+                 "data.augment": "--augment"}
+        parts = ["vitlab", "train", "--recipe", self.recipe, "--data", f"imagefolder:{data}",
+                 "--val-fraction", "0.1", "--num-workers", str(workers)]
+        for key, value in self.overrides.items():
+            parts += [flags[key], str(value)]
+        return " ".join(shlex.quote(p) for p in parts + ["--out", str(out)])
+
+
+#: The curves. Epochs fill each budget at the speed measured on this machine's 2 cores (bf16
+#: autocast, ``precision: auto`` in every recipe): CCT-4/3x2 ~120 s per epoch of 45,000 images,
+#: ResNet-20 ~70 s, ViT-nano/4 ~240 s. Short budgets want light regularisation: crop and flip,
+#: label smoothing, no Mixup/CutMix, RandAugment or stochastic depth, a one-epoch warm-up and a
+#: cosine to zero.
+RUNS = {
+    "cct": Run("cct", dict(model="cct_4_3x2_32", epochs=15, lr=1.5e-3, warmup_epochs=1, weight_decay=0.05,
+                           min_lr=0.0, drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
+                           **{"data.randaugment": "none", "data.augment": "crop-flip"})),
+    "resnet": Run("resnet", dict(epochs=13, min_lr=0.0), budget_min=15.0),
+    "vit": Run("vit", dict(model="vit_nano_patch4_32", epochs=4, lr=1.5e-3, warmup_epochs=0.5, min_lr=0.0,
+                           drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
+                           **{"data.randaugment": "none"}), budget_min=15.0),
+}
+
+
+def first_time_at(metrics: list[dict], threshold: float) -> float | None:
+    """Training seconds at the end of the first epoch whose validation accuracy reaches ``threshold``."""
+    for m in metrics:
+        if m["val_acc"] >= threshold:
+            return m["time_s"]
+    return None
+
+
+def run_one(key: str, run: Run, data: str, out: Path, workers: int) -> tuple[TrainConfig, list[dict], float]:
+    """Train (or resume, or read back) one run; returns its config, metrics and wall-clock seconds."""
+    cfg = run.config(data, workers)
+    run_dir = out / key
+    finished = (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= cfg.epochs
+    started = time.perf_counter()
+    if not finished:
+        print(f"training {key}: {run.command(data, workers, run_dir)}", flush=True)
+        train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
+    return cfg, read_metrics(run_dir), time.perf_counter() - started
+
+
+def table(rows: list[tuple[str, Run, TrainConfig, list[dict], int]]) -> str:
+    """The results as a markdown table."""
+    heads = ["run", "model", "params", "epochs", "train min", "best val acc", "final val acc"]
+    heads += [f"min to {t:.0%}" for t in THRESHOLDS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for key, run, cfg, metrics, params in rows:
+        best = max(m["val_acc"] for m in metrics)
+        cells = [key, cfg.model, f"{params / 1e6:.2f}M", str(len(metrics)), f"{metrics[-1]['time_s'] / 60:.1f}",
+                 f"{best:.2%}", f"{metrics[-1]['val_acc']:.2%}"]
+        for t in THRESHOLDS:
+            at = first_time_at(metrics, t)
+            cells.append("-" if at is None else f"{at / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+    """Validation accuracy against training minutes, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, run, cfg, metrics, params in rows:
+        ax.plot([m["time_s"] / 60 for m in metrics], [100 * m["val_acc"] for m in metrics], marker="o",
+                markersize=3, label=f"{cfg.model} ({params / 1e6:.2f}M)")
+    for goal, style in ((85, "--"), (81, ":")):
+        ax.axhline(goal, color="grey", linestyle=style, linewidth=0.8)
+    ax.axvline(30, color="grey", linestyle="-", linewidth=0.5)
+    ax.set(xlabel="training time (minutes, 2 CPU cores)", ylabel="validation accuracy (%)",
+           title="CIFAR-10, 5,000 held-out images: accuracy against training time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    p.add_argument("--data", default=str(CIFAR10), help="CIFAR-10 training split as class folders")
+    p.add_argument("--out", default="runs/time-to-accuracy", help="run directories (finished runs are reused)")
+    p.add_argument("--num-workers", type=int, default=1, help="data-loading processes (JPEG decoding)")
+    p.add_argument("--plot", default="docs/time_to_accuracy.png", help="figure file")
+    p.add_argument("--markdown", help="also write the table to this file")
+    args = p.parse_args(argv)
+    keys = [k.strip() for k in args.runs.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in RUNS]
+    if unknown:
+        p.error(f"unknown run {unknown[0]}; choose from {', '.join(RUNS)}")
+    if not Path(args.data).is_dir():
+        p.error(f"no CIFAR-10 folder at {args.data}; pass --data DIR")
+    out = Path(args.out)
+    rows = []
+    for key in keys:
+        run = RUNS[key]
+        cfg, metrics, wall = run_one(key, run, args.data, out, args.num_workers)
+        from vitlab.train.trainer import build_model
+        from vitlab.train.rundir import read_config
+
+        params = count_parameters(build_model(read_config(out / key)))
+        rows.append((key, run, cfg, metrics, params))
+        print(f"{key}: {len(metrics)} epochs, {metrics[-1]['time_s'] / 60:.1f} min of training, "
+              f"{wall / 60:.1f} min wall clock in this process (evaluation included), "
+              f"final val acc {metrics[-1]['val_acc']:.2%}", flush=True)
+    text = table(rows)
+    print(text)
+    for key, run, cfg, metrics, params in rows:
+        print(f"- {key}: {run.command(args.data, args.num_workers, out / key)}")
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
+    if args.plot:
+        plot(rows, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
