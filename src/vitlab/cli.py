@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "attention, and write report.html and results.json.")
     p.add_argument("--models", metavar="A,B,...", help="models to compare (default: vit_nano_patch8_sincos_32,"
                    "resnet20_cifar,mixer_nano_patch8_32 with their tuned schedules)")
+    p.add_argument("--runs", metavar="DIR,DIR,...",
+                   help="finished run directories to compare as well, without training them again (e.g. one ViT "
+                        "trained with labels, by vitlab pretrain --method mae and --method dino: the report shows "
+                        "what supervision changes); alone, only these are compared")
     p.add_argument("--epochs", type=int, help="epochs for every model (default: each model's tuned schedule)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default 0)")
@@ -235,7 +239,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                      epochs=args.epochs, seed=args.seed, analyses=_split(args.analyses),
                      analysis_images=args.analysis_images, analysis_batch_size=args.analysis_batch_size,
                      command=_command_line(), resume=args.resume, overwrite=args.overwrite,
-                     options=_analysis_options(args))
+                     options=_analysis_options(args), runs=_split(args.runs))
     _print_summary(result)
     return 0
 

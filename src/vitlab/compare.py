@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .analysis.subjects import Subject, load_subject, subject_from_run
+from .analysis.supervision import is_self_supervised
 from .analysis.suite import ANALYSES, AnalysisOptions, AnalysisResults, check_analyses, run_analyses
 from .data import DataConfig, build_dataset
 from .errors import VitlabError
@@ -96,8 +97,14 @@ def compare(
     resume: bool = False,
     overwrite: bool = False,
     options: AnalysisOptions | None = None,
+    runs: Sequence[str | Path] = (),
 ) -> CompareResult:
     """Train each model on ``data``, analyse them together and write the report.
+
+    ``runs`` adds finished run directories (``vitlab train``, ``pretrain`` or ``finetune``) to the
+    comparison without training them again, e.g. one architecture trained with different
+    supervision; given alone (no ``models``), only they are compared. The report then shows what
+    the supervision changed.
 
     ``models`` defaults to :data:`DEFAULT_RECIPES` (ViT, ResNet, Mixer, with their tuned
     schedules); other model names train with the first recipe's schedule. ``epochs`` overrides
@@ -108,7 +115,8 @@ def compare(
     started = time.perf_counter()
     check_analyses(analyses)
     data = data or default_data()
-    recipes = _recipes_for(models)  # every name is checked before any training starts
+    run_dirs = [_check_run_dir(r) for r in runs]  # every name is checked before any training starts
+    recipes = [] if run_dirs and not models else _recipes_for(models)
     out_dir = Path(out) if out else Path("runs") / f"compare-{timestamp()}"
     if resume and overwrite:
         raise VitlabError("--resume continues the comparison in --out and --overwrite replaces it; pass one of them")
@@ -116,7 +124,7 @@ def compare(
         raise VitlabError(f"cannot resume '{out_dir}': it does not exist; drop --resume to start a comparison")
     if not resume:
         _clear_out_dir(out_dir, overwrite, "pass --resume to continue it, --overwrite to replace it, "
-                                           "or choose another with --out")
+                                           "or choose another with --out", keep=run_dirs)
 
     subjects, timings = [], {}
     for step, recipe in enumerate(recipes, 1):
@@ -130,16 +138,33 @@ def compare(
         timings[f"train {recipe.model}"] = round(time.perf_counter() - t0, 1)
         subjects.append(subject_from_run(result.run_dir, name=recipe.model))
 
+    subjects += [subject_from_run(r) for r in run_dirs]
     t0 = time.perf_counter()
     _say(progress, f"[{len(recipes) + 1}/{len(recipes) + 1}] analysing ({', '.join(analyses)})")
     analysis = _analyse(subjects, data, analyses, analysis_images, analysis_batch_size, seed, progress, options)
     timings["analyses"] = round(time.perf_counter() - t0, 1)
     timings.update({f"analysis: {name}": seconds for name, seconds in analysis.timings.items()})
     timings["total"] = round(time.perf_counter() - started, 1)
-    meta = ReportMeta(title="vitlab compare: how differently do a ViT, a CNN and an MLP-Mixer see?",
+    title = ("vitlab compare: how differently do a ViT, a CNN and an MLP-Mixer see?" if not run_dirs else
+             "vitlab compare: " + ", ".join(s.name for s in subjects))
+    meta = ReportMeta(title=title,
                       data=data.name, command=command, timings=timings)
     report = write_report(out_dir, subjects, analysis, meta)
     return CompareResult(out_dir, report, subjects, analysis, timings)
+
+
+def _check_run_dir(path: str | Path) -> Path:
+    """``path`` if it is a finished run directory, else a one-line error naming what it lacks."""
+    from .train.rundir import WEIGHTS
+
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise VitlabError(f"'{path}' is not a run directory (no config.yaml); pass directories that "
+                          "vitlab train, pretrain or finetune wrote")
+    if not (path / WEIGHTS).is_file():
+        raise VitlabError(f"run '{path}' has no trained weights yet ({WEIGHTS}); finish it with "
+                          f"vitlab train --resume {path}")
+    return path
 
 
 def _clear_out_dir(out_dir: Path, overwrite: bool, fix: str, keep: Sequence[Path] = ()) -> None:
@@ -166,8 +191,15 @@ def _analyse(subjects: Sequence[Subject], data: DataConfig, analyses: Sequence[s
             trained_on[s.name] = _training_data(s.run_dir)
             if "feature_reuse" in analyses and (s.run_dir / INIT_WEIGHTS).exists():
                 init_subjects[s.name] = subject_from_run(s.run_dir, name=f"{s.name} (init)", weights=INIT_WEIGHTS)
-    return run_analyses(subjects, loader, analyses, progress=progress, total=len(loader), options=options,
-                        train_loader=train_loader, init_subjects=init_subjects, trained_on=trained_on)
+    results = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader), options=options,
+                           train_loader=train_loader, init_subjects=init_subjects, trained_on=trained_on)
+    label_based = [a for a in ("robustness", "shape_bias", "early_exits") if a in analyses]
+    for s in subjects:
+        if s.run_dir is not None and label_based and is_self_supervised(s.run_dir):
+            results.notes.append(f"{s.name} is self-supervised ({s.supervision}): its classifier never saw a label, "
+                                 f"so its {', '.join(label_based)} numbers are at chance; compare its features "
+                                 f"(cka, probes, attention), or fine-tune it first (vitlab finetune {s.run_dir})")
+    return results
 
 
 def _training_data(run_dir: Path) -> str:

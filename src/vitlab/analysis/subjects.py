@@ -35,6 +35,9 @@ class Subject:
     model_name: str = ""
     #: Per-epoch training metrics of a run (empty for named models).
     metrics: list[dict[str, float]] = field(default_factory=list)
+    #: How it was trained: ``supervised``, ``MAE (masked reconstruction)``, ... (see
+    #: :func:`~vitlab.analysis.supervision.supervision_of`), ``timm pretrained`` or ``untrained``.
+    supervision: str = ""
 
     @property
     def val_acc(self) -> float | None:
@@ -62,6 +65,7 @@ def subject_from_run(run_dir: str | Path, name: str | None = None, weights: str 
     """
     from ..data.datasets import dataset_stats
     from ..train import rundir
+    from .supervision import supervision_of
 
     run_dir = Path(run_dir)
     from ..train.trainer import build_model
@@ -81,6 +85,7 @@ def subject_from_run(run_dir: str | Path, name: str | None = None, weights: str 
         run_dir=run_dir,
         model_name=cfg.model,
         metrics=rundir.read_metrics(run_dir),
+        supervision=supervision_of(run_dir),
     )
 
 
@@ -103,6 +108,7 @@ def subject_from_name(model_name: str, pretrained: bool = False, **overrides) ->
         params=count_parameters(model),
         source="pretrained" if pretrained else "untrained",
         model_name=model_name,
+        supervision="timm pretrained" if pretrained else "untrained",
     )
 
 

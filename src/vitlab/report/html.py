@@ -18,10 +18,17 @@ from ..analysis.curves import TrainingCurves
 from ..analysis.results import to_jsonable
 from ..analysis.subjects import Subject
 from ..analysis.suite import AnalysisResults
+from ..analysis.supervision import compare_supervision
 from ..train.rundir import atomic_write_bytes
 from .figures import data_uri, figure_png
 
 CAPTIONS = {
+    "supervision": (
+        "The same comparison for runs trained with different supervision, against relative depth (0: first block, "
+        "1: last): on the left the k-NN accuracy of each layer's features (the probes analysis), on the right each "
+        "layer's mean attention distance; Walmer et al. found reconstruction-trained ViTs' best features mid-network "
+        "and label- or distillation-trained ones' at the end."
+    ),
     "early_exits": (
         "Accuracy against compute of each early-exit model on {n} images, one point per confidence threshold "
         "(an image leaves at the first exit whose top probability reaches it; 'off' never exits early): points "
@@ -136,6 +143,7 @@ def model_rows(subjects: Sequence[Subject]) -> list[dict[str, Any]]:
             "model": s.model_name or s.name,
             "family": s.anatomy.family,
             "source": s.source,
+            "supervision": s.supervision,
             "params": s.params,
             "val_acc": last.get("val_acc"),
             "epochs": int(last["epoch"]) if last else None,
@@ -163,6 +171,8 @@ def build_results(subjects: Sequence[Subject], analysis: AnalysisResults, meta: 
         "attention_distance": {key: result.to_dict() for key, result in analysis.attention_distance.items()},
         **{name: {key: result.to_dict() for key, result in results.items()}
            for name, results in analysis.results.items()},
+        **({"supervision": comparison.to_dict()} if (comparison := compare_supervision(
+            {s.name: s.supervision for s in subjects if s.supervision}, analysis)) is not None else {}),
         "notes": analysis.notes,
     })
 
@@ -192,10 +202,11 @@ def render_html(subjects: Sequence[Subject], analysis: AnalysisResults, meta: Re
              + (f" &middot; total time {meta.timings['total']:.0f} s" if "total" in meta.timings else "") + "</p>"]
 
     # --- models table ---------------------------------------------------------------------------
-    head = ("<tr><th>model</th><th>family</th><th>source</th><th>parameters</th><th>val. accuracy</th>"
+    head = ("<tr><th>model</th><th>family</th><th>source</th><th>supervision</th><th>parameters</th><th>val. accuracy</th>"
             "<th>epochs</th><th>training time</th><th>train images/s</th></tr>")
     body = "".join(
         f"<tr><td>{_fmt(r['name'], '')}</td><td>{_fmt(r['family'], '')}</td><td>{_fmt(r['source'], '')}</td>"
+        f"<td>{_fmt(r['supervision'] or None, '')}</td>"
         f"<td class=num>{_fmt(r['params'], 'int')}</td><td class=num>{_fmt(r['val_acc'], 'pct')}</td>"
         f"<td class=num>{_fmt(r['epochs'], '')}</td><td class=num>{_fmt(r['train_time_s'], 's')}</td>"
         f"<td class=num>{_fmt(r['train_images_per_s'], '')}</td></tr>"
@@ -237,6 +248,13 @@ def render_html(subjects: Sequence[Subject], analysis: AnalysisResults, meta: Re
         if results:
             png = _draw_analysis(name, list(results.values()))
             parts.append(f"<h2>{html.escape(title)}</h2>" + _figure(png, CAPTIONS[name].format(n=n), title))
+
+    # --- what supervision changes (runs trained with different objectives) -------------------------
+    supervision = compare_supervision({s.name: s.supervision for s in subjects if s.supervision}, analysis)
+    if supervision is not None:
+        png = figure_png(lambda axes: supervision.plot(axes), ncols=2, width=5.5, height=4.0)
+        parts.append("<h2>What supervision changes</h2>" + _figure(png, CAPTIONS["supervision"], "supervision")
+                     + (f"<p>{html.escape(supervision.summary())}</p>" if supervision.summary() else ""))
 
     if analysis.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in analysis.notes) + "</ul>")
