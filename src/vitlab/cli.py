@@ -168,6 +168,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"epochs of its linear warm-up before the cosine decay (default {t.spatial_entropy_warmup})")
     p.add_argument("--no-last-attention-skip", dest="last_attention_skip", action="store_false", default=None,
                    help="the paper's variant: drop the last block's attention skip connection and second norm")
+    p.add_argument("--conv-init", type=int, metavar="K",
+                   help="convolutional initialisation of attention, for small data: a learnable relative position bias "
+                        "in every attention, head h starting on one offset of a KxK kernel (odd, e.g. 3; nearest offsets "
+                        "first, repeating when heads > K*K); timm-attention models: vit_*, CCT, T2T-ViT (default off)")
+    p.add_argument("--conv-init-strength", type=float, metavar="ALPHA",
+                   help=f"the bias at each head's own offset: {t.conv_init_strength} puts about 97%% of a patch's "
+                        f"attention there at the start, 1 is ConViT's softer locality (default {t.conv_init_strength})")
     p.add_argument("--exit-training", choices=["joint", "branches", "copycat"],
                    help="early-exit models: every head on the labels (joint, default), or the backbone frozen and "
                         "the branches on the labels (branches) or copying the final head (copycat)")
@@ -277,6 +284,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
             "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,
             "last_attention_skip": args.last_attention_skip, "exit_training": args.exit_training,
+            "conv_init": args.conv_init, "conv_init_strength": args.conv_init_strength,
             "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
             "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
             "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
@@ -297,7 +305,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     source = read_config(args.run)
     # The source's architecture; classes and image size are resolved again from the new data.
     model_args = {k: v for k, v in source.model_args.items() if k not in ("num_classes", "img_size")}
-    base = TrainConfig(model=source.model, model_args=model_args, data=source.data)
+    # Conv init adds parameters (the bias tables), so it is part of the architecture too.
+    base = TrainConfig(model=source.model, model_args=model_args, data=source.data, conv_init=source.conv_init,
+                       conv_init_strength=source.conv_init_strength)
     cfg = base.merged({**_train_overrides(args), "finetune_from": str(args.run), "finetune_mode": args.mode,
                        "reinit_blocks": args.reinit_blocks})
     from .train.rundir import timestamp

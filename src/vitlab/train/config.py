@@ -74,6 +74,12 @@ class TrainConfig:
     spatial_entropy_warmup: float = 10.0
     #: False: the paper's variant without the last block's attention skip connection (timm blocks).
     last_attention_skip: bool = True
+    #: Convolutional initialisation of attention (:mod:`vitlab.train.conv_init`): every timm
+    #: attention gets a learnable relative position bias that starts with head h attending to one
+    #: offset of a ``conv_init`` x ``conv_init`` kernel (odd; 0: off); ``conv_init_strength`` is
+    #: the bias at that offset (5: about 97% of a patch's attention there at initialisation).
+    conv_init: int = 0
+    conv_init_strength: float = 5.0
     #: Clip the gradient norm to this value (``None``: no clipping).
     grad_clip: float | None = None
     seed: int = 0
@@ -113,6 +119,10 @@ class TrainConfig:
              f"Mixup and CutMix pair images within a batch: use an even batch size, not {self.batch_size}"),
             (self.spatial_entropy >= 0 and self.spatial_entropy_warmup >= 0,
              "spatial_entropy and spatial_entropy_warmup must be non-negative"),
+            (self.conv_init == 0 or (self.conv_init >= 1 and self.conv_init % 2 == 1),
+             f"conv_init is an odd kernel size such as 3 (a kernel has a centre patch; 0: off), not {self.conv_init}"),
+            (math.isfinite(self.conv_init_strength) and self.conv_init_strength > 0,
+             f"conv_init_strength must be a positive number, not {self.conv_init_strength}"),
             (self.finetune_mode in ("full", "linear"), f"finetune_mode must be full or linear, not '{self.finetune_mode}'"),
             (self.reinit_blocks >= 0, f"reinit_blocks must be non-negative, not {self.reinit_blocks}"),
             (self.objective in ("supervised", "mp3"), f"objective must be supervised or mp3, not '{self.objective}'"),

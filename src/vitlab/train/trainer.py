@@ -41,6 +41,7 @@ from ..models import count_parameters, create_model
 from ..weights import load_weights_file
 from . import accel, rundir
 from .config import TrainConfig
+from .conv_init import apply_conv_init
 from .position_prediction import PositionPrediction, position_accuracy
 from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
 from .transfer import freeze_for, prepare_transfer
@@ -74,6 +75,8 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The run's model, as ``cfg`` describes it (architecture changes of training options included)."""
     model = create_model(cfg.model, **cfg.model_args)
+    if cfg.conv_init:  # new parameters (the bias tables): saved weights load back into this model
+        apply_conv_init(model, cfg.conv_init, cfg.conv_init_strength, cfg.model)
     if not cfg.last_attention_skip:
         remove_last_attention_skip(model)
     return model
