@@ -6,6 +6,12 @@ runs the steps. Determinism: the order and augmentation of every sample come fro
 ``(seed, epoch, position)`` (:mod:`vitlab.data.sampling`) and the RNG of every step (dropout,
 stochastic depth) from ``(seed, step)``, so nothing random has state to save: a run resumed
 from any checkpoint, mid-epoch included, replays exactly what the uninterrupted run did.
+(The random masks of MAE and views of DINO draw from the same per-step RNG; what does carry
+state, DINO's teacher and centre, is checkpointed with the objective.)
+
+Self-supervised pretraining (``cfg.objective`` mp3, mae or dino) goes through one protocol
+(:mod:`vitlab.train.objectives`): the objective wraps the model, computes its own loss from the
+images, updates itself after each optimizer step and validates itself.
 
 Under ``torchrun`` every process takes its share of each global batch, DDP averages the
 gradients, and rank 0 alone writes the run directory and shows progress.
