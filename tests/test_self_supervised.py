@@ -226,3 +226,11 @@ def test_bad_pretraining_options_are_one_line(tmp_path, capsys, argv, message):
     assert main(["pretrain", *argv, *TINY, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
+
+
+def test_pretrain_help_names_the_methods_and_what_val_acc_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{mp3,mae,dino}" in out and "--mae-mask-ratio" in out and "--dino-teacher-temp" in out
+    assert "k-NN monitor (cosine, k=20)" in out
