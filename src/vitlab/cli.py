@@ -98,15 +98,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("pretrain", help="self-supervised pretraining of a ViT (MP3 position prediction)",
-                       description="Pretrain a ViT without labels and write a run directory that vitlab finetune "
-                                   "takes. mp3: the ViT runs without its position embedding and learns to predict "
-                                   "every patch's position, attending to a random subset of the patches "
-                                   "(Zhai et al. 2022).")
-    p.add_argument("--method", choices=["mp3"], required=True, help="pretraining method")
-    p.add_argument("--model", metavar="NAME", help="a ViT, e.g. vit_tiny_patch4_32")
-    p.add_argument("--mp3-keep", type=float, metavar="F",
-                   help=f"fraction of patches used as keys (default {TrainConfig().mp3_keep})")
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (MP3, MAE, DINO) without labels",
+                       description="Pretrain a model without labels and write a run directory that vitlab "
+                                   "finetune takes (model.safetensors is the bare model). "
+                                   "mp3 (ViTs): the ViT runs without its position embedding and learns to predict "
+                                   "every patch's position, attending to a random subset of the patches (Zhai et "
+                                   "al. 2022); val acc is position accuracy. "
+                                   "mae (ViTs): the encoder sees a random quarter of the patches, a light decoder "
+                                   "predicts the pixels of the others (He et al. 2022). "
+                                   "dino (any model): a student matches its momentum teacher's output on another "
+                                   "augmented view (Caron et al. 2021). For mae and dino, val loss is the objective "
+                                   "on the validation images and val acc a k-NN monitor (cosine, k=20) of the pooled "
+                                   "features: even-numbered validation images are the labelled bank, odd-numbered "
+                                   "ones the queries.")
+    p.add_argument("--method", choices=["mp3", "mae", "dino"], required=True, help="pretraining method")
+    p.add_argument("--model", metavar="NAME", help=f"e.g. vit_tiny_patch4_32 (mp3 and mae need a ViT; default {t.model})")
+    g = p.add_argument_group("mp3")
+    g.add_argument("--mp3-keep", type=float, metavar="F", help=f"fraction of patches used as keys (default {t.mp3_keep})")
+    g = p.add_argument_group("mae")
+    g.add_argument("--mae-mask-ratio", type=float, metavar="F",
+                   help=f"fraction of patches hidden from the encoder (default {t.mae_mask_ratio})")
+    g.add_argument("--mae-decoder-dim", type=int, metavar="D", help=f"decoder width (default {t.mae_decoder_dim})")
+    g.add_argument("--mae-decoder-depth", type=int, metavar="N", help=f"decoder blocks (default {t.mae_decoder_depth})")
+    g.add_argument("--mae-decoder-heads", type=int, metavar="H", help=f"decoder heads (default {t.mae_decoder_heads})")
+    g.add_argument("--no-mae-norm-pix", dest="mae_norm_pix", action="store_false", default=None,
+                   help="predict raw (normalised-image) pixels instead of per-patch normalised ones")
+    g = p.add_argument_group("dino")
+    g.add_argument("--dino-prototypes", type=int, metavar="K", help=f"head output size (default {t.dino_prototypes})")
+    g.add_argument("--dino-hidden-dim", type=int, metavar="D", help=f"head MLP width (default {t.dino_hidden_dim})")
+    g.add_argument("--dino-bottleneck-dim", type=int, metavar="D",
+                   help=f"head bottleneck before the prototypes (default {t.dino_bottleneck_dim})")
+    g.add_argument("--dino-student-temp", type=float, metavar="T", help=f"(default {t.dino_student_temp})")
+    g.add_argument("--dino-teacher-temp", type=float, metavar="T",
+                   help=f"teacher temperature after the warm-up (default {t.dino_teacher_temp})")
+    g.add_argument("--dino-teacher-temp-warmup", type=float, metavar="EPOCHS",
+                   help=f"epochs of linear warm-up from 0.04 to --dino-teacher-temp (default {t.dino_teacher_temp_warmup})")
+    g.add_argument("--dino-momentum", type=float, metavar="M",
+                   help=f"teacher EMA momentum at the start, rising on a cosine to 1 (default {t.dino_momentum})")
+    g.add_argument("--dino-center-momentum", type=float, metavar="M",
+                   help=f"momentum of the teacher-output centre (default {t.dino_center_momentum})")
+    g.add_argument("--dino-crop-scale", type=float, metavar="F",
+                   help=f"smallest area fraction of the two random crops (default {t.dino_crop_scale})")
     _add_train_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -293,8 +325,16 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
+    method_options = ["mp3_keep", "mae_mask_ratio", "mae_decoder_dim", "mae_decoder_depth", "mae_decoder_heads",
+                      "mae_norm_pix", "dino_prototypes", "dino_hidden_dim", "dino_bottleneck_dim", "dino_student_temp",
+                      "dino_teacher_temp", "dino_teacher_temp_warmup", "dino_momentum", "dino_center_momentum",
+                      "dino_crop_scale"]
+    given = [k for k in method_options if getattr(args, k) is not None and not k.startswith(args.method + "_")]
+    if given:  # an option of another method would be silently unused
+        raise VitlabError(f"--{given[0].replace('_', '-')} is an option of --method {given[0].split('_')[0]}, "
+                          f"not of --method {args.method}")
     cfg = TrainConfig().merged({"model": args.model, **_train_overrides(args), "objective": args.method,
-                                "mp3_keep": args.mp3_keep})
+                                **{k: getattr(args, k) for k in method_options}})
     return _report_training(train(cfg, args.out, overwrite=args.overwrite, allow_pickle=args.trust_pickle))
 
 
@@ -321,7 +361,11 @@ def _report_training(result) -> int:
 
     if not distributed.current().is_main:
         return 0
-    what = "val position accuracy" if result.config.objective == "mp3" else "val acc"
+    what = {"supervised": "val acc", "mp3": "val position accuracy",
+            "mae": "val k-NN accuracy (pooled features, cosine k=20, bank: half the val split)",
+            "dino": "val k-NN accuracy (pooled features, cosine k=20, bank: half the val split)"}[result.config.objective]
+    if result.config.objective in ("mae", "dino") and result.metrics:
+        print(f"{result.config.model}: {result.config.objective} val loss {result.metrics[-1]['val_loss']:.4f}")
     print(f"{result.config.model}: {what} {100 * result.val_acc:.1f}% after {len(result.metrics)} epochs "
           f"({result.train_time_s:.0f} s of training)")
     print(f"run: {result.run_dir}")

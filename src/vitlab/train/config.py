@@ -54,10 +54,31 @@ class TrainConfig:
     #: Exponential moving average of the weights (timm's ModelEmaV3, with warm-up), evaluated
     #: beside the model every epoch and saved as ``model_ema.safetensors``; 0 turns it off.
     ema_decay: float = 0.0
-    #: ``supervised`` (labels), or ``mp3``: pretraining by masked patch position prediction
-    #: (Zhai et al.; ``vitlab pretrain --method mp3``), keys from a random ``mp3_keep`` of the patches.
+    #: ``supervised`` (labels), or self-supervised pretraining (``vitlab pretrain --method X``):
+    #: ``mp3``, masked patch position prediction (Zhai et al.), keys from a random ``mp3_keep`` of
+    #: the patches; ``mae``, masked autoencoding (He et al.); ``dino``, self-distillation (Caron et al.).
     objective: str = "supervised"
     mp3_keep: float = 0.25
+    #: MAE: the fraction of patches hidden from the encoder; the light decoder's width, depth and
+    #: heads (sized for 32x32 ViTs); targets normalised per patch (the paper's default).
+    mae_mask_ratio: float = 0.75
+    mae_decoder_dim: int = 128
+    mae_decoder_depth: int = 2
+    mae_decoder_heads: int = 4
+    mae_norm_pix: bool = True
+    #: DINO: the head's prototypes (K), hidden width and bottleneck; student and teacher
+    #: temperatures, the teacher's warmed up linearly from 0.04 over ``dino_teacher_temp_warmup``
+    #: epochs; the teacher's EMA momentum (rising on a cosine to 1) and the centre's; the smallest
+    #: area fraction of the two random crops.
+    dino_prototypes: int = 1024
+    dino_hidden_dim: int = 256
+    dino_bottleneck_dim: int = 64
+    dino_student_temp: float = 0.1
+    dino_teacher_temp: float = 0.04
+    dino_teacher_temp_warmup: float = 0.0
+    dino_momentum: float = 0.996
+    dino_center_momentum: float = 0.9
+    dino_crop_scale: float = 0.4
     #: Early-exit models: ``joint`` (every head learns from the labels), ``branches`` (the backbone
     #: frozen, the exit branches learn from the labels) or ``copycat`` (the backbone frozen, each
     #: branch learns to copy the final head's predictions; Bakhtiarnia et al.'s second stage).
@@ -125,9 +146,29 @@ class TrainConfig:
              f"conv_init_strength must be a positive number, not {self.conv_init_strength}"),
             (self.finetune_mode in ("full", "linear"), f"finetune_mode must be full or linear, not '{self.finetune_mode}'"),
             (self.reinit_blocks >= 0, f"reinit_blocks must be non-negative, not {self.reinit_blocks}"),
-            (self.objective in ("supervised", "mp3"), f"objective must be supervised or mp3, not '{self.objective}'"),
+            (self.objective in ("supervised", "mp3", "mae", "dino"),
+             f"objective must be supervised, mp3, mae or dino, not '{self.objective}'"),
             (self.objective == "supervised" or not (self.mixup or self.cutmix),
-             "Mixup/CutMix mix labels; position prediction has none to mix: turn them off for --method mp3"),
+             f"Mixup/CutMix mix labels; self-supervised pretraining has none to mix: turn them off for "
+             f"--method {self.objective}"),
+            (0 < self.mp3_keep <= 1, f"mp3_keep (the fraction of patches used as keys) must be in (0, 1], not {self.mp3_keep}"),
+            (0 < self.mae_mask_ratio < 1, f"mae_mask_ratio (the fraction of patches hidden) must be in (0, 1), "
+                                          f"not {self.mae_mask_ratio}"),
+            (min(self.mae_decoder_dim, self.mae_decoder_depth, self.mae_decoder_heads) >= 1,
+             "mae_decoder_dim, mae_decoder_depth and mae_decoder_heads must be at least 1"),
+            (self.mae_decoder_dim % 4 == 0 and self.mae_decoder_dim % max(self.mae_decoder_heads, 1) == 0,
+             f"mae_decoder_dim must be a multiple of 4 (its sin-cos embedding) and of mae_decoder_heads, "
+             f"not {self.mae_decoder_dim} with {self.mae_decoder_heads} heads"),
+            (min(self.dino_prototypes, self.dino_hidden_dim, self.dino_bottleneck_dim) >= 1,
+             "dino_prototypes, dino_hidden_dim and dino_bottleneck_dim must be at least 1"),
+            (self.dino_student_temp > 0 and self.dino_teacher_temp > 0,
+             "dino_student_temp and dino_teacher_temp must be positive"),
+            (self.dino_teacher_temp_warmup >= 0,
+             f"dino_teacher_temp_warmup must be a non-negative number of epochs, not {self.dino_teacher_temp_warmup}"),
+            (0 <= self.dino_momentum <= 1 and 0 <= self.dino_center_momentum <= 1,
+             "dino_momentum and dino_center_momentum must be in [0, 1]"),
+            (0 < self.dino_crop_scale <= 1, f"dino_crop_scale (the smallest crop's area fraction) must be in (0, 1], "
+                                            f"not {self.dino_crop_scale}"),
             (self.exit_training in ("joint", "branches", "copycat"),
              f"exit_training must be joint, branches or copycat, not '{self.exit_training}'"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), not {self.ema_decay}"),

@@ -19,10 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import VitlabError
+from .objectives import PretrainingObjective
 
 
-class PositionPrediction(nn.Module):
+class PositionPrediction(PretrainingObjective):
     """A ViT and a position head: ``forward(images)`` gives (batch, patches, patches) position logits."""
+
+    val_acc_name = "position accuracy"
 
     def __init__(self, vit: nn.Module, keep: float = 0.25) -> None:
         super().__init__()
@@ -33,12 +36,12 @@ class PositionPrediction(nn.Module):
                               f"{type(vit).__name__}; use e.g. vit_tiny_patch4_32 (vitlab models 'vit*')")
         if not 0 < keep <= 1:
             raise VitlabError(f"mp3_keep (the fraction of patches used as keys) must be in (0, 1], not {keep}")
-        self.vit, self.keep = vit, keep
+        self.backbone, self.keep = vit, keep
         self.num_patches = vit.patch_embed.num_patches
         self.head = nn.Linear(vit.embed_dim, self.num_patches)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
+        vit = self.backbone
         x = vit.patch_embed(images)  # (B, N, D): no position embedding
         b, n, _ = x.shape
         prefix = [t.expand(b, -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
@@ -58,6 +61,16 @@ class PositionPrediction(nn.Module):
     def targets(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The position index of every token, flattened like ``forward(...).flatten(0, 1)``."""
         return torch.arange(self.num_patches, device=device).repeat(batch)
+
+    def loss(self, outputs: torch.Tensor, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """N-way cross-entropy (unsmoothed) of every token's position, and the share of tokens placed right."""
+        logits = outputs.flatten(0, 1).float()
+        targets = self.targets(outputs.shape[0], logits.device)
+        return F.cross_entropy(logits, targets), (logits.argmax(1) == targets).float().mean()
+
+    def validate(self, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
+        """Position-prediction loss and accuracy over every token of the validation images."""
+        return position_accuracy(self, loader, device)
 
 
 @torch.inference_mode()

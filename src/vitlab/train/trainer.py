@@ -6,6 +6,12 @@ runs the steps. Determinism: the order and augmentation of every sample come fro
 ``(seed, epoch, position)`` (:mod:`vitlab.data.sampling`) and the RNG of every step (dropout,
 stochastic depth) from ``(seed, step)``, so nothing random has state to save: a run resumed
 from any checkpoint, mid-epoch included, replays exactly what the uninterrupted run did.
+(The random masks of MAE and views of DINO draw from the same per-step RNG; what does carry
+state, DINO's teacher and centre, is checkpointed with the objective.)
+
+Self-supervised pretraining (``cfg.objective`` mp3, mae or dino) goes through one protocol
+(:mod:`vitlab.train.objectives`): the objective wraps the model, computes its own loss from the
+images, updates itself after each optimizer step and validates itself.
 
 Under ``torchrun`` every process takes its share of each global batch, DDP averages the
 gradients, and rank 0 alone writes the run directory and shows progress.
@@ -42,7 +48,7 @@ from ..weights import load_weights_file
 from . import accel, rundir
 from .config import TrainConfig
 from .conv_init import apply_conv_init
-from .position_prediction import PositionPrediction, position_accuracy
+from .objectives import build_objective
 from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
 from .transfer import freeze_for, prepare_transfer
 
@@ -153,6 +159,9 @@ def train(
     # Every rank evaluates every world_size-th image; the sums are added up, nothing is padded in.
     val_shard = Subset(val_set, range(world.rank, len(val_set), world.world_size))
     val_loader = DataLoader(val_shard, cfg.eval_batch_size, shuffle=False, **workers)
+    # Pretraining objectives validate on the whole split on every rank (their k-NN monitor needs
+    # every image's features in one place; validation splits are small).
+    task_val_loader = DataLoader(val_set, cfg.eval_batch_size, shuffle=False, **workers)
 
     # --- model, optimizer, schedule -------------------------------------------------------------
     if not resume:
@@ -184,16 +193,19 @@ def train(
     precision = accel.resolve_precision(cfg.precision, world.device)
     channels_last = accel.use_channels_last(cfg.channels_last, model)
     model.to(world.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    # Pretraining objectives with parameters of their own (MP3's position head) wrap the model:
-    # the wrapper is what the optimizer, DDP and the loss see; model.safetensors stays the model.
-    task = PositionPrediction(model, cfg.mp3_keep).to(world.device) if cfg.objective == "mp3" else None
+    steps_per_epoch = batches.steps_per_epoch
+    # Self-supervised objectives (MP3, MAE, DINO; vitlab.train.objectives) wrap the model with
+    # parameters of their own: the wrapper is what the optimizer, DDP and the loss see, and it
+    # computes its own loss from the images; model.safetensors stays the bare model.
+    task = build_objective(cfg, model, steps_per_epoch, info.mean, info.std)
+    if task is not None:
+        task.to(world.device)
     trained = task or model
     optimizer = create_optimizer_v2(trained, "momentum" if cfg.optimizer == "sgd" else "adamw", lr=cfg.lr,
                                     weight_decay=cfg.weight_decay,
                                     **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
     # The weights' moving average: stateless apart from its weights (the decay follows the step).
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
-    steps_per_epoch = batches.steps_per_epoch
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=cfg.epochs * steps_per_epoch,
@@ -207,8 +219,6 @@ def train(
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob,
                 label_smoothing=cfg.label_smoothing, num_classes=info.num_classes) if cfg.mixup or cfg.cutmix else None
     train_loss_fn = SoftTargetCrossEntropy() if mix else loss_fn
-    if cfg.objective == "mp3":
-        train_loss_fn = loss_fn = nn.CrossEntropyLoss()  # N-way position classification, unsmoothed
     entropy_probe = SpatialEntropyProbe(model, cfg.model) if cfg.spatial_entropy else None
     entropy_warmup = round(cfg.spatial_entropy_warmup * steps_per_epoch)
 
@@ -221,14 +231,15 @@ def train(
     if state is not None:
         rundir.restore_state(run_dir, state, model, optimizer)
         if task is not None:
-            task.head.load_state_dict(state["task"])
+            task.load_task_state(state["task"])  # MAE's decoder, DINO's teacher and centre, ...
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         epoch, step = state["position"]["epoch"], state["position"]["step"]
         metrics, sums = list(state["metrics"]), EpochSums(**state.get("sums", {}))
     params = count_parameters(model)
     elapsed = metrics[-1]["time_s"] if metrics else 0.0
-    net = DistributedDataParallel(trained) if world.distributed else trained
+    # Objectives leave parts of the model unused (the classifier; MP3 the position embedding).
+    net = DistributedDataParallel(trained, find_unused_parameters=task is not None) if world.distributed else trained
     net = accel.compile_model(net) if cfg.compile else net
 
     def checkpoint(next_epoch: int, next_step: int, sums: EpochSums) -> None:
@@ -240,7 +251,7 @@ def train(
                 "position": {"epoch": next_epoch, "step": next_step}, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "metrics": metrics, "sums": dataclasses.asdict(sums),
                 **({"ema": ema.module.state_dict()} if ema is not None else {}),
-                **({"task": task.head.state_dict()} if task is not None else {}),
+                **({"task": task.task_state()} if task is not None else {}),
                 "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.keep_checkpoints)
         distributed.barrier()
 
@@ -276,19 +287,19 @@ def train(
             try:
                 with accel.autocast(precision, world.device):
                     outputs = net(images)
-                    if task is not None:  # position prediction: every token's grid index is its label
-                        outputs, labels = outputs.flatten(0, 1), task.targets(images.shape[0], images.device)
-                        targets = labels
-                    # Models with several heads (early exits) return a list, final head last: every
-                    # head learns from the labels, and accuracy is the final head's.
-                    heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-                    if cfg.exit_training == "copycat":  # each branch learns the final head's decisions
-                        copied = heads[-1].detach().argmax(1)
-                        loss = sum(loss_fn(head.float(), copied) for head in heads[:-1])
-                    elif cfg.exit_training == "branches":
-                        loss = sum(train_loss_fn(head.float(), targets) for head in heads[:-1])
+                    if task is not None:  # self-supervised: the objective's own loss, no labels
+                        loss, task_acc = task.loss(outputs, global_step)
                     else:
-                        loss = sum(train_loss_fn(head.float(), targets) for head in heads)
+                        # Models with several heads (early exits) return a list, final head last: every
+                        # head learns from the labels, and accuracy is the final head's.
+                        heads = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+                        if cfg.exit_training == "copycat":  # each branch learns the final head's decisions
+                            copied = heads[-1].detach().argmax(1)
+                            loss = sum(loss_fn(head.float(), copied) for head in heads[:-1])
+                        elif cfg.exit_training == "branches":
+                            loss = sum(train_loss_fn(head.float(), targets) for head in heads[:-1])
+                        else:
+                            loss = sum(train_loss_fn(head.float(), targets) for head in heads)
                     if entropy_probe is not None:
                         entropy = entropy_probe.loss()
                         loss = loss + entropy_weight(global_step, cfg.epochs * steps_per_epoch, entropy_warmup,
@@ -301,6 +312,8 @@ def train(
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
                 optimizer.step()
+                if task is not None:
+                    task.after_step(global_step)  # DINO: the teacher and the centre follow the student
                 if ema is not None:
                     ema.update(model, step=global_step)
             except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -309,7 +322,10 @@ def train(
 
             n = labels.shape[0]
             sums.loss += loss.item() * n
-            sums.correct += (heads[-1].argmax(1) == labels).sum().item()
+            if task is None:
+                sums.correct += (heads[-1].argmax(1) == labels).sum().item()
+            else:  # MP3's share of tokens placed right; MAE and DINO have no training accuracy (NaN)
+                sums.correct += task_acc.item() * n if task_acc is not None else math.nan
             sums.seen += n
             if entropy_probe is not None:
                 sums.entropy += entropy.item() * n
@@ -322,19 +338,18 @@ def train(
         sums.seconds += time.perf_counter() - started
         elapsed += sums.seconds
         total = sums.reduced()
-        if task is not None:  # accuracy of position prediction, over every token of the validation images
-            val_loss, val_acc = position_accuracy(task, val_loader, world.device)
+        if task is not None:  # the objective on the validation images, and its own val_acc (val_acc_name)
+            val_loss, val_acc = task.validate(task_val_loader, world.device)
         else:
             val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=show, precision=precision,
                                          device=world.device)
         metrics.append(dict(epoch=epoch + 1, step=global_step, lr=optimizer.param_groups[0]["lr"],
                             train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                             val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
-                            images_per_s=round(total.seen / (task.num_patches if task else 1)
-                                               / max(sums.seconds, 1e-9), 1)))
+                            images_per_s=round(total.seen / max(sums.seconds, 1e-9), 1)))
         if entropy_probe is not None:
             metrics[-1]["spatial_entropy"] = total.entropy / total.seen
-        if ema is not None:
+        if ema is not None and task is None:  # the EMA's classifier is untrained under an objective
             metrics[-1]["val_loss_ema"], metrics[-1]["val_acc_ema"] = evaluate(
                 ema.module, val_loader, loss_fn, precision=precision, device=world.device)
         if show:

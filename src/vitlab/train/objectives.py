@@ -1,0 +1,160 @@
+"""Self-supervised pretraining objectives: one small protocol the trainer drives.
+
+An objective wraps the backbone (the run's model) with whatever parameters of its own it needs
+(MP3's position head, MAE's decoder, DINO's projection head and teacher). The trainer treats
+every objective the same way:
+
+* ``outputs = objective(images)`` inside the step's autocast (through DDP under torchrun), then
+  ``loss, accuracy = objective.loss(outputs, step)``: the loss of the global ``step`` and the
+  batch's training accuracy (``None`` where the objective has none);
+* ``objective.after_step(step)`` right after the optimizer step (DINO's teacher and centre);
+* ``objective.task_state()`` / ``load_task_state()``: everything but the backbone, saved as
+  ``state["task"]`` in every checkpoint, so ``--resume`` restores it exactly;
+* ``objective.validate(loader, device)``: ``(val_loss, val_acc)`` at the end of every epoch;
+  :attr:`val_acc_name` says what ``val_acc`` is.
+
+``model.safetensors`` stays the bare backbone, so ``vitlab finetune RUN`` takes any pretrained run.
+
+The default validation, used by MAE and DINO: ``val_loss`` is the objective on the validation
+images (with random numbers from a fixed seed, so every epoch sees the same masks or views and
+the numbers are comparable across epochs), and ``val_acc`` a cheap k-NN monitor of the
+backbone's pooled features (:func:`knn_accuracy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import VitlabError
+
+#: The objectives ``TrainConfig.objective`` accepts besides ``supervised``.
+PRETRAINING_OBJECTIVES = ("mp3", "mae", "dino")
+
+
+class PretrainingObjective(nn.Module):
+    """Base of the pretraining objectives; subclasses set ``self.backbone`` and implement
+    ``forward(images)`` and :meth:`loss`."""
+
+    #: What ``val_acc`` measures (the CLI summary and the metrics' reader need to know).
+    val_acc_name: ClassVar[str] = "k-NN accuracy of the pooled features"
+    backbone: nn.Module
+
+    def loss(self, outputs, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The objective's loss from ``forward``'s outputs at global ``step`` (``None``: validation),
+        and the batch's training accuracy (``None`` where there is none)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimizer step of global ``step``; nothing by default."""
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's parameters exempt from weight decay (position embeddings, conv-init bias
+        tables), named as the optimizer sees them through this wrapper."""
+        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in inner}
+
+    def task_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the objective except the backbone's (which model.safetensors holds)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`task_state` saved; anything else missing or extra is an error."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise VitlabError(f"the checkpoint's pretraining state does not fit this run "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by another version?")
+
+    @torch.inference_mode()
+    def validate(self, loader: Iterable, device: torch.device | str = "cpu") -> tuple[float, float]:
+        """``(val_loss, val_acc)``: the mean loss over ``loader``'s images (random numbers from a
+        fixed seed, the same every epoch) and :func:`knn_accuracy` of the backbone's pooled features
+        (even-numbered validation images are the labelled bank, odd-numbered ones the queries)."""
+        was_training = self.training
+        self.eval()
+        loss_sum, seen, features, labels = 0.0, 0, [], []
+        with seeded(0, device):
+            for images, targets in loader:
+                images = images.to(device)
+                loss_sum += self.loss(self(images), None)[0].item() * images.shape[0]
+                seen += images.shape[0]
+                features.append(pooled_features(self.backbone, images).float().cpu())
+                labels.append(targets)
+        self.train(was_training)
+        if not seen:
+            return float("nan"), float("nan")
+        features, labels = torch.cat(features), torch.cat(labels)
+        return loss_sum / seen, knn_accuracy(features[0::2], labels[0::2], features[1::2], labels[1::2])
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu"):
+    """Draw from ``seed`` inside the block and leave the global RNG (CPU, and CUDA if used) as it was."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's pooled features, what its classifier would see: ``forward_head(forward_features(x),
+    pre_logits=True)`` (timm's interface; every vitlab model has it)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def feature_dim(model: nn.Module) -> int:
+    """The width of :func:`pooled_features`, from timm's attribute names."""
+    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    if not isinstance(dim, int):
+        raise VitlabError(f"{type(model).__name__} does not say the width of its pooled features "
+                          "(head_hidden_size or num_features): self-supervised heads need it")
+    return dim
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted cosine k-NN accuracy (Wu et al. 2018, as DINO and Walmer et al. use it): every query's
+    ``k`` most similar bank features vote for their labels with weight ``exp(similarity / temperature)``."""
+    if not len(bank) or not len(queries):
+        return float("nan")
+    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    sims, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
+    classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    votes = torch.zeros(len(queries), classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+    return (votes.argmax(1) == query_labels).float().mean().item()
+
+
+def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[float, float, float],
+                    std: tuple[float, float, float]) -> PretrainingObjective | None:
+    """The objective ``cfg.objective`` names, wrapping ``model`` (``None`` for supervised training).
+
+    ``steps_per_epoch`` sets the schedules that follow the step (DINO's teacher momentum and
+    temperature); ``mean`` and ``std`` are the data's normalisation (DINO's colour jitter
+    works on pixels).
+    """
+    if cfg.objective == "mp3":
+        from .position_prediction import PositionPrediction
+
+        return PositionPrediction(model, cfg.mp3_keep)
+    if cfg.objective == "mae":
+        from .masked_autoencoder import MaskedAutoencoder
+
+        return MaskedAutoencoder(model, mask_ratio=cfg.mae_mask_ratio, decoder_dim=cfg.mae_decoder_dim,
+                                 decoder_depth=cfg.mae_decoder_depth, decoder_heads=cfg.mae_decoder_heads,
+                                 norm_pix_loss=cfg.mae_norm_pix)
+    if cfg.objective == "dino":
+        from .dino import DINO
+
+        return DINO(model, total_steps=cfg.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                    mean=mean, std=std, prototypes=cfg.dino_prototypes, hidden_dim=cfg.dino_hidden_dim,
+                    bottleneck_dim=cfg.dino_bottleneck_dim, student_temp=cfg.dino_student_temp,
+                    teacher_temp=cfg.dino_teacher_temp, teacher_temp_warmup=cfg.dino_teacher_temp_warmup,
+                    momentum=cfg.dino_momentum, center_momentum=cfg.dino_center_momentum,
+                    crop_scale=cfg.dino_crop_scale)
+    return None
