@@ -131,9 +131,10 @@ def plot(rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, run, cfg, metrics, params in rows:
         ax.plot([m["time_s"] / 60 for m in metrics], [100 * m["val_acc"] for m in metrics], marker="o",
-                markersize=3, label=f"{cfg.model} ({params / 1e6:.2f}M)")
-    for goal, style in ((85, "--"), (81, ":")):
-        ax.axhline(goal, color="grey", linestyle=style, linewidth=0.8)
+                markersize=3, label=f"{cfg.model} ({params / 1e6:.2f}M), batch {cfg.batch_size}")
+    for level, style, text in ((85, "--", "goal: 85% in 30 min"), (81, ":", "a plain script's 81% in 25 min")):
+        ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
+        ax.text(0.3, level + 0.4, text, color="grey", fontsize=8)
     ax.axvline(30, color="grey", linestyle="-", linewidth=0.5)
     ax.set(xlabel="training time (minutes, 2 CPU cores)", ylabel="validation accuracy (%)",
            title="CIFAR-10, 5,000 held-out images: accuracy against training time")
