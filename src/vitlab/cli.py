@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train a ViT, a CNN and an MLP-Mixer and report how differently they see",
                        description="Train a ViT, a CIFAR ResNet and an MLP-Mixer on the same data (the embedded "
                                    "shapes data set by default), compare their representations (CKA) and "
-                                   "attention, and write report.html and results.json.")
+                                   "attention, and write report.html and results.json. With --runs, finished runs join the comparison "
+                                   "(alone, only they are compared), e.g. one ViT trained with different supervision.")
     p.add_argument("--models", metavar="A,B,...", help="models to compare (default: vit_nano_patch8_sincos_32,"
                    "resnet20_cifar,mixer_nano_patch8_32 with their tuned schedules)")
     p.add_argument("--runs", metavar="DIR,DIR,...",
