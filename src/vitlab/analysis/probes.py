@@ -65,6 +65,16 @@ def readouts(output: Tensor, layer: Layer, prefix_tokens: int) -> dict[str, Tens
     return out
 
 
+def knn_predict(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Weighted k-NN classes of unit-norm ``queries`` against a unit-norm ``bank`` (Wu et al. 2018):
+    each query's ``k`` most similar bank features vote for their labels with weight
+    ``exp(similarity / temperature)``."""
+    sims, idx = (queries @ bank.T).topk(min(k, bank.shape[0]), dim=1)
+    votes = torch.zeros(queries.shape[0], num_classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+    return votes.argmax(1)
+
+
 @dataclass
 class _Ridge:
     n: int = 0
@@ -165,11 +175,9 @@ class LayerProbes:
             s.seen += labels.shape[0]
         bank, bank_labels = self._bank[name][0], self._bank_labels[name][0]
         query = torch.nn.functional.normalize(feats.get("cls", feats["mean"]), dim=1).float().cpu()
-        sims, idx = (query @ bank.T).topk(min(self.k, bank.shape[0]), dim=1)
-        votes = torch.zeros(query.shape[0], self.num_classes)
-        votes.scatter_add_(1, bank_labels[idx], (sims / self.temperature).exp())
+        predicted = knn_predict(query, bank, bank_labels, self.num_classes, self.k, self.temperature)
         counts = self._knn.setdefault(name, [0, 0])
-        counts[0] += int((votes.argmax(1) == labels).sum())
+        counts[0] += int((predicted == labels).sum())
         counts[1] += labels.shape[0]
 
     def result(self, model: str) -> ProbeResult:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..analysis.probes import knn_predict
 from ..errors import VitlabError
 
 #: The objectives ``TrainConfig.objective`` accepts besides ``supervised``.
@@ -124,10 +125,9 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     if not len(bank) or not len(queries):
         return float("nan")
     bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
-    sims, idx = (queries @ bank.T).topk(min(k, len(bank)), dim=1)
     classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    votes = torch.zeros(len(queries), classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
-    return (votes.argmax(1) == query_labels).float().mean().item()
+    predicted = knn_predict(queries, bank, bank_labels, classes, k, temperature)
+    return (predicted == query_labels).float().mean().item()
 
 
 def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[float, float, float],
