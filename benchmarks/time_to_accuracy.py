@@ -30,7 +30,8 @@ from vitlab.data import DataConfig
 from vitlab.models import count_parameters
 from vitlab.train import TrainConfig, train
 from vitlab.train.recipes import load_recipe
-from vitlab.train.rundir import read_metrics
+from vitlab.train.rundir import read_config, read_metrics
+from vitlab.train.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10" / "train"
@@ -97,9 +98,8 @@ def run_one(key: str, run: Run, data: str, out: Path, workers: int) -> tuple[Tra
     """Train (or resume, or read back) one run; returns its config, metrics and wall-clock seconds."""
     cfg = run.config(data, workers)
     run_dir = out / key
-    finished = (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= cfg.epochs
     started = time.perf_counter()
-    if not finished:
+    if len(read_metrics(run_dir)) < cfg.epochs:  # not finished: train, or resume an interrupted run
         print(f"training {key}: {run.command(data, workers, run_dir)}", flush=True)
         train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
     return cfg, read_metrics(run_dir), time.perf_counter() - started
@@ -166,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         run = RUNS[key]
         cfg, metrics, wall = run_one(key, run, args.data, out, args.num_workers)
-        from vitlab.train.trainer import build_model
-        from vitlab.train.rundir import read_config
-
         params = count_parameters(build_model(read_config(out / key)))
         rows.append((key, run, cfg, metrics, params))
         print(f"{key}: {len(metrics)} epochs, {metrics[-1]['time_s'] / 60:.1f} min of training, "

@@ -24,13 +24,13 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from ..errors import VitlabError
 from .results import to_jsonable
 
 #: How each training objective is named in reports.
 OBJECTIVE_LABELS = {"supervised": "supervised", "mp3": "MP3 (position prediction)",
-                    "mae": "MAE (masked reconstruction)", "dino": "DINO (self-distillation)",
-                    "moco": "MoCo v3 (contrastive)"}
-SELF_SUPERVISED = ("mp3", "mae", "dino", "moco")
+                    "mae": "MAE (masked reconstruction)", "dino": "DINO (self-distillation)"}
+SELF_SUPERVISED = ("mp3", "mae", "dino")
 
 
 def supervision_of(run_dir: str | Path) -> str:
@@ -43,7 +43,7 @@ def supervision_of(run_dir: str | Path) -> str:
         source = Path(cfg.finetune_from)
         try:
             before = supervision_of(source)
-        except Exception:  # the source run was moved or deleted: say what is known
+        except VitlabError:  # the source run was moved or deleted: say what is known
             before = f"run {source.name}"
         return f"{before}, then {'linear probe' if cfg.finetune_mode == 'linear' else 'fine-tuned'}"
     if cfg.init_weights:

@@ -161,7 +161,8 @@ def train(
     val_loader = DataLoader(val_shard, cfg.eval_batch_size, shuffle=False, **workers)
     # Pretraining objectives validate on the whole split on every rank (their k-NN monitor needs
     # every image's features in one place; validation splits are small).
-    task_val_loader = DataLoader(val_set, cfg.eval_batch_size, shuffle=False, **workers)
+    task_val_loader = DataLoader(val_set, cfg.eval_batch_size, shuffle=False, **workers) \
+        if cfg.objective != "supervised" else None
 
     # --- model, optimizer, schedule -------------------------------------------------------------
     if not resume:
