@@ -49,8 +49,8 @@ class PadCropFlip:
     """``crop-flip`` of a PIL image into a normalised float tensor in one numpy pass.
 
     The same augmentation as torchvision's ``RandomCrop(size, padding=pad)`` (zero padding) then
-    ``RandomHorizontalFlip()``, then ``ToTensor()`` and ``Normalize``, at a tenth of the cost
-    (about 20 us instead of 260 us for a 32x32 image): on a 2-core machine the data loader
+    ``RandomHorizontalFlip()``, then ``ToTensor()`` and ``Normalize``, at a fifth of the cost
+    (about 50 us instead of 260 us for a 32x32 image): on a 2-core machine the data loader
     otherwise takes a fifth of the CPU from training. Offsets and flip come from torch's
     generator, which :class:`~vitlab.data.sampling.SeededDataset` seeds per sample.
     """
