@@ -155,6 +155,16 @@ def test_fused_and_explicit_attention_agree():
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
 
 
+def test_channels_last_tokenizer_gives_the_nchw_tokens():
+    tokenizer = create_model("cct_4_3x2_32").patch_embed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = tokenizer(x)
+        nchw = tokenizer.stages(x).flatten(2).transpose(1, 2)  # the plain layout, token by token
+    torch.testing.assert_close(tokens, nchw, atol=1e-5, rtol=1e-5)
+    assert tokens.shape == (2, 64, 128) and tokens.is_contiguous()  # the channels-last reshape is a free view
+
+
 ANATOMY = {
     # name: (layers, grid, prefix tokens, patch size in pixels, image size)
     "cct_7_3x1_32": (8, (16, 16), 0, (2, 2), (32, 32)),
