@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from vitlab import VitlabError, list_models
 from vitlab.train import DataConfig, TrainConfig, read_config, train
 from vitlab.train.recipes import list_recipes, load_recipe
+from vitlab.train.trainer import build_model
 
 FAMILIES = {"cct", "cvt", "dhvt", "levit", "mixer", "qna", "resnet", "t2t", "vit"}
 
@@ -61,6 +62,20 @@ def test_cli_recipe_run_records_every_value(tmp_path):
     assert (tmp_path / "run" / "model_ema.safetensors").exists()
     listing = subprocess.run([sys.executable, "-m", "vitlab", "recipes"], capture_output=True, text=True).stdout
     assert all(name in listing for name in FAMILIES) and "cct_7_3x1_32" in listing
+
+
+def test_model_arg_adds_a_constructor_keyword_to_the_recipes(tmp_path):
+    assert tiny().merged({"model_args": {"mlp_ratio": 2.0}}).model_args == {"depth": 2, "mlp_ratio": 2.0}
+    command = [sys.executable, "-m", "vitlab", "train", "--model", "cct_2_3x2_32", "--epochs", "1", "--batch-size",
+               "16", "--num-train", "32", "--num-val", "16", "--precision", "fp32", "--out", str(tmp_path / "run")]
+    done = subprocess.run(command + ["--model-arg", "attn_drop_rate=0"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = read_config(tmp_path / "run")
+    assert cfg.model_args["attn_drop_rate"] == 0
+    assert build_model(cfg).blocks[0].attn.attn_drop.p == 0  # the CCT default is 0.1
+    for arg, message in (("attn_drop_rate", "is not KEY=VALUE"), ("colour=red", "does not take the option 'colour'")):
+        done = subprocess.run(command + ["--overwrite", "--model-arg", arg], capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_mixup_and_cutmix_change_training_and_resume_exactly(tmp_path):

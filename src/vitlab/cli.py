@@ -179,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--model-arg``, the value read as YAML (``0`` a number, ``true`` a bool)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE; e.g. --model-arg attn_drop_rate=0")
+    return key.strip(), yaml.safe_load(value)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """The options of training, shared by ``train``, ``pretrain`` and ``finetune``."""
     from .train import TrainConfig
@@ -211,6 +221,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-training", choices=["joint", "branches", "copycat"],
                    help="early-exit models: every head on the labels (joint, default), or the backbone frozen and "
                         "the branches on the labels (branches) or copying the final head (copycat)")
+    p.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE", dest="model_args",
+                   help="a keyword of the model's constructor, e.g. attn_drop_rate=0 (YAML value; repeatable)")
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help=f"keep a moving average of the weights with this decay, 0 for off (default {t.ema_decay})")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
@@ -320,7 +332,8 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             "conv_init": args.conv_init, "conv_init_strength": args.conv_init_strength,
             "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
             "precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
-            "device": args.device, "init_weights": args.init_weights, **_data_overrides(args)}
+            "device": args.device, "init_weights": args.init_weights,
+            "model_args": dict(args.model_args) if args.model_args else None, **_data_overrides(args)}
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:

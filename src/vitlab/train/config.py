@@ -215,6 +215,8 @@ class TrainConfig:
                 continue
             if key.startswith("data."):
                 values["data"][key[5:]] = value
+            elif key == "model_args":  # one keyword more, not a new set: a recipe's own ones stay
+                values["model_args"] = {**values["model_args"], **value}
             else:
                 values[key] = value
         return TrainConfig.from_dict(values, source="options")
