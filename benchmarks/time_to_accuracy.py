@@ -61,24 +61,25 @@ class Run:
         parts = ["vitlab", "train", "--recipe", self.recipe, "--data", f"imagefolder:{data}",
                  "--val-fraction", "0.1", "--num-workers", str(workers)]
         for key, value in self.overrides.items():
-            parts += [flags[key], str(value)]
+            if key == "model_args":
+                for name, arg in value.items():
+                    parts += ["--model-arg", f"{name}={arg}"]
+            else:
+                parts += [flags[key], str(value)]
         return " ".join(shlex.quote(p) for p in parts + ["--out", str(out)])
 
 
 #: The curves. Epochs fill each budget at the speed measured on this machine's 2 cores (bf16
-#: autocast, ``precision: auto`` in every recipe): CCT-4/3x2 ~120 s per epoch of 45,000 images,
-#: ResNet-20 ~70 s, ViT-nano/4 ~240 s. Short budgets want light regularisation: crop and flip,
-#: label smoothing, no Mixup/CutMix, RandAugment or stochastic depth, a one-epoch warm-up and a
-#: cosine to zero.
+#: autocast, ``precision: auto`` in every recipe): CCT-4/3x2 ~68 s per epoch of 45,000 images
+#: (without attention dropout, which costs ~15% of its step in random numbers), ResNet-20 ~70 s,
+#: ViT-nano/4 ~240 s. Short budgets want light regularisation: crop and flip, label smoothing, no
+#: Mixup/CutMix, RandAugment or stochastic depth, a one-epoch warm-up and a cosine to zero. (Batch
+#: 64 was tried for CCT and lost: 78.0% against 79.2% at batch 128 in the same time.)
 RUNS = {
-    "cct": Run("cct", dict(model="cct_4_3x2_32", epochs=15, lr=1.5e-3, warmup_epochs=1, weight_decay=0.05,
+    "cct": Run("cct", dict(model="cct_4_3x2_32", epochs=26, lr=1.5e-3, warmup_epochs=1, weight_decay=0.05,
+                           model_args={"attn_drop_rate": 0.0},
                            min_lr=0.0, drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
                            **{"data.randaugment": "none", "data.augment": "crop-flip"})),
-    # The same CCT with half the batch: twice the optimizer steps in the same time (small models in
-    # short schedules are step-limited), the learning rate scaled by 1/sqrt(2).
-    "cct-b64": Run("cct", dict(model="cct_4_3x2_32", epochs=13, batch_size=64, lr=1.1e-3, warmup_epochs=1,
-                               weight_decay=0.05, min_lr=0.0, drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
-                               **{"data.randaugment": "none", "data.augment": "crop-flip"})),
     "resnet": Run("resnet", dict(epochs=10, min_lr=0.0), budget_min=15.0),
     "vit": Run("vit", dict(model="vit_nano_patch4_32", epochs=3, lr=1.5e-3, warmup_epochs=0.5, min_lr=0.0,
                            drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
@@ -94,6 +95,12 @@ def first_time_at(metrics: list[dict], threshold: float) -> float | None:
     return None
 
 
+def within_budget(metrics: list[dict], budget_min: float) -> str:
+    """The best validation accuracy of the epochs that ended within the budget (a wall clock can overrun it)."""
+    inside = [m["val_acc"] for m in metrics if m["time_s"] <= 60 * budget_min]
+    return f"{max(inside):.2%}" if inside else "-"
+
+
 def run_one(key: str, run: Run, data: str, out: Path, workers: int) -> tuple[TrainConfig, list[dict], float]:
     """Train (or resume, or read back) one run; returns its config, metrics and wall-clock seconds."""
     cfg = run.config(data, workers)
@@ -107,13 +114,14 @@ def run_one(key: str, run: Run, data: str, out: Path, workers: int) -> tuple[Tra
 
 def table(rows: list[tuple[str, Run, TrainConfig, list[dict], int]]) -> str:
     """The results as a markdown table."""
-    heads = ["run", "model", "params", "budget min", "epochs", "train min", "best val acc", "final val acc"]
+    heads = ["run", "model", "params", "budget min", "epochs", "train min", "best val acc", "final val acc",
+             "best within budget"]
     heads += [f"min to {t:.0%}" for t in THRESHOLDS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for key, run, cfg, metrics, params in rows:
         best = max(m["val_acc"] for m in metrics)
         cells = [key, cfg.model, f"{params / 1e6:.2f}M", f"{run.budget_min:.0f}", str(len(metrics)), f"{metrics[-1]['time_s'] / 60:.1f}",
-                 f"{best:.2%}", f"{metrics[-1]['val_acc']:.2%}"]
+                 f"{best:.2%}", f"{metrics[-1]['val_acc']:.2%}", within_budget(metrics, run.budget_min)]
         for t in THRESHOLDS:
             at = first_time_at(metrics, t)
             cells.append("-" if at is None else f"{at / 60:.1f}")
