@@ -70,9 +70,9 @@ class Run:
 
 
 #: The curves. Epochs fill each budget at the speed measured on this machine's 2 cores (bf16
-#: autocast, ``precision: auto`` in every recipe): CCT-4/3x2 ~68 s per epoch of 45,000 images
-#: (without attention dropout, which costs ~15% of its step in random numbers), ResNet-20 ~70 s,
-#: ViT-nano/4 ~240 s. Short budgets want light regularisation: crop and flip, label smoothing, no
+#: autocast, ``precision: auto`` in every recipe): CCT-4/3x2 70-90 s per epoch of 45,000 images
+#: (without attention dropout, whose random numbers were a tenth of its step in the profiler),
+#: ResNet-20 ~70 s, ViT-nano/4 ~230 s. Short budgets want light regularisation: crop and flip, label smoothing, no
 #: Mixup/CutMix, RandAugment or stochastic depth, a one-epoch warm-up and a cosine to zero. (Batch
 #: 64 was tried for CCT and lost: 78.0% against 79.2% at batch 128 in the same time.)
 RUNS = {

@@ -103,8 +103,9 @@ class ConvTokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last because PyTorch's CPU max-pool is several times faster on it than on NCHW
-        # (training CCT-4/3x2 on 2 cores: ~510 -> ~620 images/s in bf16), and the convolutions are
-        # no slower; the reshape to (B, H*W, C) tokens is then a free view.
+        # (it was a fifth of a CCT training step), and the convolutions are no slower; the reshape
+        # to (B, H*W, C) tokens is then a free view. With the explicit attention below it lifted
+        # CCT-2/4 from 0.90-1.09 to 1.13-1.21 of vit-pytorch's training speed (benchmarks/models.py).
         x = self.stages(x.contiguous(memory_format=torch.channels_last))
         return x.flatten(2).transpose(1, 2)
 
@@ -143,8 +144,8 @@ class CCTBlock(nn.Module):
         attn = self.attn
         # Training on CPU, timm's explicit softmax(q k^T) v is faster than PyTorch's fused attention
         # at CCT's sizes, with or without attention dropout (which the fused CPU kernel lacks and
-        # emulates slowly): benchmarks/models.py, 0.92 -> 0.97 of vit-pytorch's training speed for
-        # CCT-2/3x2; CCT-4/3x2 without attention dropout, bf16, 2 cores: ~460 -> ~575 images/s.
+        # emulates slowly); see the tokenizer for the measured effect. Only CCT's sizes were
+        # measured, so timm's ViTs keep the fused kernel.
         if attn.fused_attn and self.training and x.device.type == "cpu":
             attn.fused_attn = False
             try:
