@@ -83,3 +83,20 @@ def test_cli_finetune(source, folder, tmp_path):
 
     cfg = read_config(tmp_path / "ft")
     assert cfg.finetune_from == str(source) and cfg.finetune_mode == "linear" and cfg.model_args["num_classes"] == 3
+
+
+def test_finetune_keeps_the_source_without_its_last_attention_skip(folder, tmp_path):
+    """The variant without the last block's attention skip is architecture: fine-tuning keeps it."""
+    from vitlab.cli import main
+
+    cfg = TrainConfig(model="vit_nano_patch8_32", epochs=1, batch_size=16, last_attention_skip=False,
+                      data=DataConfig(num_train=32, num_val=16))
+    source = train(cfg, tmp_path / "src", progress=False).run_dir
+    assert main(["finetune", str(source), "--data", f"imagefolder:{folder}", "--epochs", "1", "--batch-size", "8",
+                 "--out", str(tmp_path / "ft")]) == 0
+    from vitlab.train import read_config
+    from vitlab.train.trainer import build_model
+
+    tuned = read_config(tmp_path / "ft")
+    assert tuned.last_attention_skip is False
+    assert isinstance(build_model(tuned).blocks[-1].norm2, torch.nn.Identity)

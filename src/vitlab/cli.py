@@ -359,9 +359,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     source = read_config(args.run)
     # The source's architecture; classes and image size are resolved again from the new data.
     model_args = {k: v for k, v in source.model_args.items() if k not in ("num_classes", "img_size")}
-    # Conv init adds parameters (the bias tables), so it is part of the architecture too.
+    # Conv init adds parameters (the bias tables) and the last block's attention skip changes what the
+    # head sees, so both are part of the architecture too.
     base = TrainConfig(model=source.model, model_args=model_args, data=source.data, conv_init=source.conv_init,
-                       conv_init_strength=source.conv_init_strength)
+                       conv_init_strength=source.conv_init_strength,
+                       last_attention_skip=source.last_attention_skip)
     cfg = base.merged({**_train_overrides(args), "finetune_from": str(args.run), "finetune_mode": args.mode,
                        "reinit_blocks": args.reinit_blocks})
     from .train.rundir import timestamp

@@ -330,8 +330,10 @@ def train(
             sums.seen += n
             if entropy_probe is not None:
                 sums.entropy += entropy.item() * n
-            bar.set_postfix(loss=f"{sums.loss / sums.seen:.3f}", acc=f"{sums.correct / sums.seen:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
+            shown = dict(loss=f"{sums.loss / sums.seen:.3f}")
+            if not math.isnan(sums.correct):  # MAE and DINO have no training accuracy to show
+                shown["acc"] = f"{sums.correct / sums.seen:.3f}"
+            bar.set_postfix(**shown, lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 sums.seconds += time.perf_counter() - started
                 started = time.perf_counter()
@@ -355,9 +357,9 @@ def train(
                 ema.module, val_loader, loss_fn, precision=precision, device=world.device)
         if show:
             m = metrics[-1]
-            tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f} "
-                       f"acc {m['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
-                       f"{m['images_per_s']:.0f} img/s")
+            train_acc = "" if math.isnan(m["train_acc"]) else f" acc {m['train_acc']:.3f}"
+            tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f}"
+                       f"{train_acc} | val loss {val_loss:.3f} acc {val_acc:.3f} | {m['images_per_s']:.0f} img/s")
         # The user-facing files first, then the checkpoint that commits the epoch.
         if world.is_main:
             rundir.save_weights(run_dir, model)
