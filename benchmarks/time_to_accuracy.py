@@ -73,9 +73,10 @@ class Run:
 #: autocast, ``precision: auto`` in every recipe): CCT-4/3x2 63-84 s per epoch of 45,000 images
 #: without attention dropout (whose random numbers were a tenth of its step in the profiler), so 24
 #: epochs for 30 minutes and 19 for the plain script's 25 (26 epochs took 36 min and reached 81.7% by
-#: minute 30 with the cosine unfinished); ResNet-20 ~70 s, ViT-nano/4 ~230 s. Short budgets want light regularisation: crop and flip, label smoothing, no
-#: Mixup/CutMix, RandAugment or stochastic depth, a one-epoch warm-up and a cosine to zero. (Batch
-#: 64 was tried for CCT and lost: 78.0% against 79.2% at batch 128 in the same time.)
+#: minute 30 with the cosine unfinished); ResNet-20 ~70 s, ViT-nano/4 ~230 s. Short budgets want
+#: light regularisation: crop and flip, label smoothing, no Mixup/CutMix, RandAugment or stochastic
+#: depth, a one-epoch warm-up and a cosine to zero. (Batch 64 was tried for CCT and lost: 78.0%
+#: against 79.2% at batch 128 in the same time.)
 CCT_SHORT = dict(model="cct_4_3x2_32", lr=1.5e-3, warmup_epochs=1, weight_decay=0.05, model_args={"attn_drop_rate": 0.0},
                  min_lr=0.0, drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
                  **{"data.randaugment": "none", "data.augment": "crop-flip"})

@@ -355,15 +355,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     from .train.rundir import read_config
+    from .train.trainer import ARCHITECTURE_FIELDS
 
     source = read_config(args.run)
     # The source's architecture; classes and image size are resolved again from the new data.
     model_args = {k: v for k, v in source.model_args.items() if k not in ("num_classes", "img_size")}
-    # Conv init adds parameters (the bias tables) and the last block's attention skip changes what the
-    # head sees, so both are part of the architecture too.
-    base = TrainConfig(model=source.model, model_args=model_args, data=source.data, conv_init=source.conv_init,
-                       conv_init_strength=source.conv_init_strength,
-                       last_attention_skip=source.last_attention_skip)
+    architecture = {name: getattr(source, name) for name in ARCHITECTURE_FIELDS}
+    base = TrainConfig(**architecture, model_args=model_args, data=source.data)
     cfg = base.merged({**_train_overrides(args), "finetune_from": str(args.run), "finetune_mode": args.mode,
                        "reinit_blocks": args.reinit_blocks})
     from .train.rundir import timestamp

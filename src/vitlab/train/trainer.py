@@ -78,6 +78,12 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.model}-{data}-{rundir.timestamp()}"
 
 
+#: The config fields, besides ``model_args``, that :func:`build_model` reads: what a fine-tuned run
+#: takes from its source to rebuild the same network (conv init adds the bias tables; without the last
+#: attention skip the head sees other features).
+ARCHITECTURE_FIELDS = ("model", "conv_init", "conv_init_strength", "last_attention_skip")
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The run's model, as ``cfg`` describes it (architecture changes of training options included)."""
     model = create_model(cfg.model, **cfg.model_args)
