@@ -188,3 +188,29 @@ def test_integer_values_pass_as_floats(tmp_path):
     path.write_text("lr: 1\nwarmup_epochs: 0\n")
     cfg = load_config(path)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.warmup_epochs == 0.0
+
+
+def test_flip_evaluation_averages_the_logits_of_each_image_and_its_mirror():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vitlab.train.trainer import evaluate
+
+    torch.manual_seed(0)
+    # A linear map of the raw pixels: not flip-invariant, so its mirror's logits differ.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    images, labels = torch.randn(20, 3, 8, 8), torch.randint(0, 4, (20,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=7)
+    with torch.no_grad():
+        plain, mirrored = model(images), model(images.flip(-1))
+    assert not torch.allclose(plain, mirrored)
+    for flip, logits in ((False, plain), (True, (plain + mirrored) / 2)):
+        loss, acc = evaluate(model, loader, flip=flip)
+        assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert acc == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_eval_flip_logs_its_accuracy_beside_the_plain_one(tmp_path):
+    train(tiny_config(epochs=1, eval_flip=True), tmp_path / "run", progress=False)
+    row = next(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert {"val_acc", "val_acc_flip", "val_loss_flip"} <= set(row)
+    assert float(row["val_loss_flip"]) != float(row["val_loss"])  # a second, different evaluation

@@ -105,6 +105,10 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     eval_batch_size: int = 256
+    #: Also evaluate with horizontal-flip test-time augmentation (the mean of the logits of each
+    #: validation image and its mirror), logged as ``val_loss_flip`` / ``val_acc_flip`` beside the
+    #: plain ``val_acc``, which it never replaces.
+    eval_flip: bool = False
     #: Start from these weights (safetensors, or a trusted pickle) instead of a fresh initialisation;
     #: matched by name, a classifier of another size kept as initialised (:mod:`vitlab.weights`).
     init_weights: str | None = None

@@ -361,11 +361,16 @@ def train(
         if ema is not None and task is None:  # the EMA's classifier is untrained under an objective
             metrics[-1]["val_loss_ema"], metrics[-1]["val_acc_ema"] = evaluate(
                 ema.module, val_loader, loss_fn, precision=precision, device=world.device)
+        if cfg.eval_flip and task is None:
+            metrics[-1]["val_loss_flip"], metrics[-1]["val_acc_flip"] = evaluate(
+                model, val_loader, loss_fn, precision=precision, device=world.device, flip=True)
         if show:
             m = metrics[-1]
             train_acc = "" if math.isnan(m["train_acc"]) else f" acc {m['train_acc']:.3f}"
+            flip_acc = f" (flip TTA {m['val_acc_flip']:.3f})" if "val_acc_flip" in m else ""
             tqdm.write(f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}: train loss {m['train_loss']:.3f}"
-                       f"{train_acc} | val loss {val_loss:.3f} acc {val_acc:.3f} | {m['images_per_s']:.0f} img/s")
+                       f"{train_acc} | val loss {val_loss:.3f} acc {val_acc:.3f}{flip_acc} | "
+                       f"{m['images_per_s']:.0f} img/s")
         # The user-facing files first, then the checkpoint that commits the epoch.
         if world.is_main:
             rundir.save_weights(run_dir, model)
@@ -391,8 +396,11 @@ def out_of_memory_error(error: BaseException, batch_size: int, step: int) -> Bas
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = None, progress: bool = False,
-             precision: str = "fp32", device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` over ``loader`` (over every process's shard under torchrun)."""
+             precision: str = "fp32", device: torch.device | str = "cpu", flip: bool = False) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (over every process's shard under torchrun).
+
+    ``flip``: test-time augmentation, the mean of the logits of each image and its horizontal mirror.
+    """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = torch.device(device)
     was_training = model.training
@@ -400,9 +408,9 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = N
     sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
     for images, labels in tqdm(loader, desc="evaluating", disable=not progress, leave=False, unit="batch"):
         images, labels = images.to(device), labels.to(device)
-        with accel.autocast(precision, device):
-            outputs = model(images)
-        logits = (outputs[-1] if isinstance(outputs, (list, tuple)) else outputs).float()
+        logits = _final_logits(model, images, precision, device)
+        if flip:
+            logits = (logits + _final_logits(model, images.flip(-1), precision, device)) / 2
         sums += torch.tensor([loss_fn(logits, labels).item() * labels.shape[0],
                               (logits.argmax(1) == labels).sum().item(), labels.shape[0]], dtype=torch.float64)
     model.train(was_training)
@@ -410,3 +418,10 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = N
     if seen == 0:
         return math.nan, math.nan
     return loss_sum / seen, correct / seen
+
+
+def _final_logits(model: nn.Module, images: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
+    """fp32 logits of the model's final head (an early-exit model returns every exit's, last is final)."""
+    with accel.autocast(precision, device):
+        outputs = model(images)
+    return (outputs[-1] if isinstance(outputs, (list, tuple)) else outputs).float()
