@@ -151,3 +151,43 @@ def test_randaugment_option_adds_timm_randaugment_to_training_only():
     assert train_t(Image.new("RGB", (32, 32), (128, 64, 32))).shape == (3, 32, 32)
     with pytest.raises(VitlabError, match="must look like 'rand-m9-mstd0.5'"):
         build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, randaugment="m9")
+
+
+@pytest.mark.parametrize("normalize", [True, False])  # the fast numpy path and torchvision's
+@pytest.mark.parametrize("pad", [0, 2])
+def test_crop_padding_bounds_the_shift_of_crop_flip(pad, normalize):
+    from vitlab.data import build_transform
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    transform = build_transform(12, mean, std, train=True, augment="crop-flip", normalize=normalize, crop_padding=pad)
+    padded = np.zeros((12 + 2 * pad, 12 + 2 * pad, 3), dtype=np.uint8)
+    padded[pad:pad + 12, pad:pad + 12] = pixels
+    # Every (shift, flip) the padding allows, as the transform's output would be.
+    candidates = {}
+    for top in range(2 * pad + 1):
+        for left in range(2 * pad + 1):
+            for flip in (False, True):
+                crop = padded[top:top + 12, left:left + 12]
+                crop = crop[:, ::-1] if flip else crop
+                x = torch.from_numpy(crop.transpose(2, 0, 1).astype(np.float32) / 255)
+                if normalize:
+                    x = (x - 0.5) / 0.25
+                candidates[(top - pad, left - pad, flip)] = x
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        out = transform(Image.fromarray(pixels))
+        match = [key for key, x in candidates.items() if torch.allclose(out, x, atol=1e-5)]
+        assert match, "an output no allowed shift and flip explains"
+        seen.add(match[0])
+    assert max(max(abs(dy), abs(dx)) for dy, dx, _ in seen) == pad  # the whole range is used
+    assert {flip for _, _, flip in seen} == {False, True}
+
+
+def test_crop_padding_as_large_as_the_image_is_refused():
+    from vitlab.data import build_transform
+
+    with pytest.raises(VitlabError, match="crop_padding"):
+        build_transform(8, (0.5,) * 3, (0.5,) * 3, train=True, crop_padding=8)

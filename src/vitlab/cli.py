@@ -32,6 +32,9 @@ def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shap
                    help=f"augmentation preset (default {base.augment})")
     g.add_argument("--crop-scale", type=float, metavar="S",
                    help=f"resized-crop-flip: smallest fraction of the area kept (default {base.crop_scale})")
+    g.add_argument("--crop-padding", type=int, metavar="PX",
+                   help="crop-flip: pixels of padding on each side before the random crop, i.e. the largest "
+                        "shift (default: an eighth of the side, 4 at 32x32)")
     g.add_argument("--randaugment", metavar="CFG",
                    help="timm RandAugment config, e.g. rand-m9-mstd0.5, or 'none' to turn a recipe's off (default off)")
     g.add_argument("--val-fraction", type=float, metavar="F",
@@ -44,6 +47,7 @@ def _data_overrides(args: argparse.Namespace) -> dict:
             "data.download": args.download or None, "data.num_train": args.num_train,
             "data.num_val": args.num_val, "data.num_workers": args.num_workers, "data.texture_mode": args.texture_mode,
             "data.augment": args.augment, "data.randaugment": args.randaugment, "data.crop_scale": args.crop_scale,
+            "data.crop_padding": args.crop_padding,
             "data.val_fraction": args.val_fraction}
 
 

@@ -62,6 +62,9 @@ class DataConfig:
     randaugment: str | None = None
     #: ``resized-crop-flip``: the smallest fraction of the image area a crop keeps.
     crop_scale: float = 0.8
+    #: ``crop-flip``: pixels of zero padding on each side before the random crop (``None``: an
+    #: eighth of the side, 4 for 32x32; smaller shifts suit short schedules).
+    crop_padding: int | None = None
     #: DataLoader worker processes (0 loads in the training process).
     num_workers: int = 0
 
@@ -150,7 +153,7 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
     augment = split == "train" if train_transform is None else train_transform
     transform = build_transform(info.image_size, info.mean, info.std, train=augment, augment=cfg.augment,
                                 randaugment=cfg.randaugment, native_size=native, normalize=normalize,
-                                crop_scale=cfg.crop_scale)
+                                crop_scale=cfg.crop_scale, crop_padding=cfg.crop_padding)
     _set_transform(dataset, transform)
     return dataset, info
 

@@ -89,6 +89,7 @@ def build_transform(
     native_size: int | None = None,
     normalize: bool = True,
     crop_scale: float = 0.8,
+    crop_padding: int | None = None,
 ) -> Callable:
     """The transform from a PIL image to a normalised float tensor (3, image_size, image_size).
 
@@ -97,17 +98,21 @@ def build_transform(
     ``native_size`` (the side most images are stored at) is accepted for compatibility only:
     resizing is decided per image, since one odd file must not break a batch.
     ``normalize=False`` leaves pixels in [0, 1] (analyses normalise per model). ``crop_scale``
-    is the smallest fraction of the area ``resized-crop-flip`` keeps.
+    is the smallest fraction of the area ``resized-crop-flip`` keeps; ``crop_padding`` the pixels
+    ``crop-flip`` pads each side with before its random crop (``None``: an eighth of the side).
     """
     if augment not in AUGMENTATIONS:
         raise VitlabError(f"unknown augmentation '{augment}'; choose one of {', '.join(AUGMENTATIONS)}")
     steps: list[Callable] = [FitSize(image_size)]
     if randaugment in ("none", ""):  # how a command line turns a recipe's RandAugment off
         randaugment = None
+    pad = max(image_size // 8, 1) if crop_padding is None else crop_padding
+    if not 0 <= pad < image_size:
+        raise VitlabError(f"crop_padding must be 0 or more and less than the image size {image_size}, not {pad}")
     if train and augment == "crop-flip" and not randaugment and normalize:  # the common case, fast
-        return T.Compose(steps + [PadCropFlip(image_size, max(image_size // 8, 1), mean, std)])
+        return T.Compose(steps + [PadCropFlip(image_size, pad, mean, std)])
     if train and augment == "crop-flip":
-        steps += [T.RandomCrop(image_size, padding=max(image_size // 8, 1)), T.RandomHorizontalFlip()]
+        steps += [T.RandomCrop(image_size, padding=pad), T.RandomHorizontalFlip()]
     if train and augment == "resized-crop-flip":
         if not 0 < crop_scale <= 1:
             raise VitlabError(f"crop_scale must be in (0, 1], not {crop_scale}")
