@@ -13,7 +13,7 @@ table (markdown with ``--markdown FILE``) and draws the curves (``--plot``).
 Runs live in ``--out``: a finished run is read back, not trained again, and an interrupted one
 resumes, so the table and figure can be redrawn at no cost.
 
-    python benchmarks/time_to_accuracy.py                        # cct, resnet, vit, one after another
+    python benchmarks/time_to_accuracy.py                        # cct, cct-25, cct-2, resnet, vit in turn
     python benchmarks/time_to_accuracy.py --runs cct --plot docs/time_to_accuracy.png
 
 Measure on a quiet machine: the figures are wall-clock.
@@ -59,7 +59,7 @@ class Run:
                  "warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay", "min_lr": "--min-lr",
                  "label_smoothing": "--label-smoothing", "drop_path": "--drop-path", "mixup": "--mixup",
                  "cutmix": "--cutmix", "ema_decay": "--ema-decay", "data.randaugment": "--randaugment",
-                 "data.augment": "--augment"}
+                 "data.augment": "--augment", "data.crop_padding": "--crop-padding", "conv_init": "--conv-init"}
         parts = ["vitlab", "train", "--recipe", self.recipe, "--data", f"imagefolder:{data}",
                  "--val-fraction", "0.1", "--num-workers", str(workers), "--eval-flip"]
         for key, value in self.overrides.items():
@@ -88,11 +88,18 @@ RUNS = {
     # Half the depth: 1.7x CCT-4's images per second in fp32 (docs/models.md), but only ~1.15x in bf16
     # (~60 s per epoch, the convolutional tokenizer costs both the same), so 28 epochs in 30 minutes.
     "cct-2": Run("cct", dict(CCT_SHORT, model="cct_2_3x2_32", epochs=28)),
+    # Variants of "cct", one change each, to see what moves the 24-epoch result (docs/time_to_accuracy.md).
+    "cct-lr3e-3": Run("cct", dict(CCT_SHORT, epochs=24, lr=3e-3)),  # twice the learning rate
+    "cct-pad2": Run("cct", dict(CCT_SHORT, epochs=24, **{"data.crop_padding": 2})),  # shifts of 2 px, not 4
+    "cct-convinit": Run("cct", dict(CCT_SHORT, epochs=24, conv_init=3)),  # convolutional init of attention
     "resnet": Run("resnet", dict(epochs=10, min_lr=0.0), budget_min=15.0),
     "vit": Run("vit", dict(model="vit_nano_patch4_32", epochs=3, lr=1.5e-3, warmup_epochs=0.5, min_lr=0.0,
                            drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
                            **{"data.randaugment": "none"}), budget_min=12.0),
 }
+
+#: The curves of a plain run of the script (the variants of "cct" are asked for by name).
+DEFAULT_RUNS = ("cct", "cct-25", "cct-2", "resnet", "vit")
 
 
 def first_time_at(metrics: list[dict], threshold: float) -> float | None:
@@ -166,7 +173,8 @@ def plot(rows, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                   help=f"comma-separated, from {', '.join(RUNS)} (default {','.join(DEFAULT_RUNS)})")
     p.add_argument("--data", default=str(CIFAR10), help="CIFAR-10 training split as class folders")
     p.add_argument("--out", default="runs/time-to-accuracy", help="run directories (finished runs are reused)")
     # 0: the decoded images are cached in memory after the first epoch, and on 2 cores a loader process
