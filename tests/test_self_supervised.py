@@ -221,6 +221,7 @@ def test_pretrain_mae_on_an_image_folder(tmp_path, folder):
     (["--method", "mae", "--dino-prototypes", "64"], "--dino-prototypes is an option of --method dino"),
     (["--method", "mae", "--mae-mask-ratio", "1"], "mae_mask_ratio"),
     (["--method", "dino", "--dino-teacher-temp", "0"], "dino_student_temp and dino_teacher_temp must be positive"),
+    (["--method", "mp3", "--eval-flip"], "--eval-flip averages a classifier's logits"),
 ])
 def test_bad_pretraining_options_are_one_line(tmp_path, capsys, argv, message):
     assert main(["pretrain", *argv, *TINY, "--out", str(tmp_path / "x")]) == 2

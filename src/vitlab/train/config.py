@@ -155,6 +155,9 @@ class TrainConfig:
             (self.objective == "supervised" or not (self.mixup or self.cutmix),
              f"Mixup/CutMix mix labels; self-supervised pretraining has none to mix: turn them off for "
              f"--method {self.objective}"),
+            (self.objective == "supervised" or not self.eval_flip,
+             f"--eval-flip averages a classifier's logits; --method {self.objective}'s validation is its own "
+             f"objective (or a k-NN monitor): leave it off, and use it when fine-tuning"),
             (0 < self.mp3_keep <= 1, f"mp3_keep (the fraction of patches used as keys) must be in (0, 1], not {self.mp3_keep}"),
             (0 < self.mae_mask_ratio < 1, f"mae_mask_ratio (the fraction of patches hidden) must be in (0, 1), "
                                           f"not {self.mae_mask_ratio}"),
