@@ -193,7 +193,7 @@ def test_integer_values_pass_as_floats(tmp_path):
 def test_flip_evaluation_averages_the_logits_of_each_image_and_its_mirror():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from vitlab.train.trainer import evaluate
+    from vitlab.train.trainer import evaluate, evaluate_views
 
     torch.manual_seed(0)
     # A linear map of the raw pixels: not flip-invariant, so its mirror's logits differ.
@@ -207,6 +207,8 @@ def test_flip_evaluation_averages_the_logits_of_each_image_and_its_mirror():
         loss, acc = evaluate(model, loader, flip=flip)
         assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
         assert acc == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    # The trainer's one pass gives both, the same as two separate evaluations.
+    assert evaluate_views(model, loader, flip=True) == [evaluate(model, loader), evaluate(model, loader, flip=True)]
 
 
 def test_eval_flip_logs_its_accuracy_beside_the_plain_one(tmp_path):

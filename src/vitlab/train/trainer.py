@@ -348,10 +348,12 @@ def train(
         elapsed += sums.seconds
         total = sums.reduced()
         if task is not None:  # the objective on the validation images, and its own val_acc (val_acc_name)
-            val_loss, val_acc = task.validate(task_val_loader, world.device)
+            (val_loss, val_acc), flipped = task.validate(task_val_loader, world.device), []
         else:
-            val_loss, val_acc = evaluate(model, val_loader, loss_fn, progress=show, precision=precision,
-                                         device=world.device)
+            # One pass gives the plain figures and, with eval_flip, the flip-TTA ones (refused under an objective).
+            (val_loss, val_acc), *flipped = evaluate_views(model, val_loader, loss_fn, progress=show,
+                                                           precision=precision, device=world.device,
+                                                           flip=cfg.eval_flip)
         metrics.append(dict(epoch=epoch + 1, step=global_step, lr=optimizer.param_groups[0]["lr"],
                             train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                             val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
@@ -361,9 +363,8 @@ def train(
         if ema is not None and task is None:  # the EMA's classifier is untrained under an objective
             metrics[-1]["val_loss_ema"], metrics[-1]["val_acc_ema"] = evaluate(
                 ema.module, val_loader, loss_fn, precision=precision, device=world.device)
-        if cfg.eval_flip and task is None:
-            metrics[-1]["val_loss_flip"], metrics[-1]["val_acc_flip"] = evaluate(
-                model, val_loader, loss_fn, precision=precision, device=world.device, flip=True)
+        if flipped:
+            metrics[-1]["val_loss_flip"], metrics[-1]["val_acc_flip"] = flipped[0]
         if show:
             m = metrics[-1]
             train_acc = "" if math.isnan(m["train_acc"]) else f" acc {m['train_acc']:.3f}"
@@ -394,30 +395,39 @@ def out_of_memory_error(error: BaseException, batch_size: int, step: int) -> Bas
                        "(the last checkpoint is kept: --resume continues)")
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = None, progress: bool = False,
              precision: str = "fp32", device: torch.device | str = "cpu", flip: bool = False) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` over ``loader`` (over every process's shard under torchrun).
 
     ``flip``: test-time augmentation, the mean of the logits of each image and its horizontal mirror.
     """
+    return evaluate_views(model, loader, loss_fn, progress, precision, device, flip)[-1]
+
+
+@torch.inference_mode()
+def evaluate_views(model: nn.Module, loader: DataLoader, loss_fn: nn.Module | None = None, progress: bool = False,
+                   precision: str = "fp32", device: torch.device | str = "cpu",
+                   flip: bool = False) -> list[tuple[float, float]]:
+    """``[(loss, accuracy)]`` of the plain images and, with ``flip``, also of horizontal-flip
+    test-time augmentation, from one pass over ``loader`` (the plain logits serve both)."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, seen
+    sums = torch.zeros(2 if flip else 1, 3, dtype=torch.float64)  # per view: loss, correct, seen
     for images, labels in tqdm(loader, desc="evaluating", disable=not progress, leave=False, unit="batch"):
         images, labels = images.to(device), labels.to(device)
-        logits = _final_logits(model, images, precision, device)
+        views = [_final_logits(model, images, precision, device)]
         if flip:
-            logits = (logits + _final_logits(model, images.flip(-1), precision, device)) / 2
-        sums += torch.tensor([loss_fn(logits, labels).item() * labels.shape[0],
-                              (logits.argmax(1) == labels).sum().item(), labels.shape[0]], dtype=torch.float64)
+            views.append((views[0] + _final_logits(model, images.flip(-1), precision, device)) / 2)
+        for row, logits in zip(sums, views):
+            row += torch.tensor([loss_fn(logits, labels).item() * labels.shape[0],
+                                 (logits.argmax(1) == labels).sum().item(), labels.shape[0]], dtype=torch.float64)
     model.train(was_training)
-    loss_sum, correct, seen = distributed.all_reduce_sum(sums).tolist()
-    if seen == 0:
-        return math.nan, math.nan
-    return loss_sum / seen, correct / seen
+    results = []
+    for loss_sum, correct, seen in distributed.all_reduce_sum(sums).tolist():
+        results.append((math.nan, math.nan) if seen == 0 else (loss_sum / seen, correct / seen))
+    return results
 
 
 def _final_logits(model: nn.Module, images: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
