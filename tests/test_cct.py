@@ -236,3 +236,30 @@ def test_trains_one_epoch(tmp_path):
                                data=DataConfig(num_train=32, num_val=16)), tmp_path / "run", progress=False)
     assert len(result.metrics) == 1 and 0 <= result.val_acc <= 1
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_dynamic_img_size_resamples_the_position_embedding():
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    fixed = create_model("cct_4_3x2_32").eval()
+    dynamic = create_model("cct_4_3x2_32", dynamic_img_size=True).eval()
+    dynamic.load_state_dict(fixed.state_dict())
+    assert anatomy(dynamic).image_size is None and anatomy(fixed).image_size == (32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(dynamic(x), fixed(x))  # its own size: the table as it is
+    # 24x24 gives a 6x6 grid: the same function as a 24x24 model holding timm's resampling of the 8x8 table.
+    small = create_model("cct_4_3x2_32", img_size=24).eval()
+    state = dict(fixed.state_dict(), pos_embed=resample_abs_pos_embed(fixed.pos_embed.detach(), [6, 6], [8, 8], num_prefix_tokens=0))
+    small.load_state_dict(state)
+    x = torch.randn(2, 3, 24, 24)
+    assert torch.allclose(dynamic(x), small(x), atol=1e-6)
+    dynamic(x).sum().backward()  # the gradient reaches the one 8x8 table
+    assert dynamic.pos_embed.grad.shape == (1, 64, 128) and dynamic.pos_embed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size", [16, 24, 30, 40])
+def test_tokenizer_grid_arithmetic_matches_its_output(size):
+    tokenizer = create_model("cct_7_3x2_32", dynamic_img_size=True).patch_embed
+    rows, cols = tokenizer.dynamic_feat_size((size, size + 8))
+    assert tokenizer(torch.randn(1, 3, size, size + 8)).shape == (1, rows * cols, 256)

@@ -93,13 +93,20 @@ class ConvTokenizer(nn.Module):
 
         # The grid by arithmetic rather than a dummy forward pass, so the model builds on "meta".
         self.img_size = to_2tuple(img_size)
-        grid = list(self.img_size)
-        for _ in range(n_conv_layers):
-            grid = [(g + 2 * padding - kernel_size) // stride + 1 for g in grid]  # conv
-            grid = [(g + 2 - 3) // 2 + 1 for g in grid]  # max-pool 3/2/1
+        self._conv = (kernel_size, stride, padding, n_conv_layers)
+        grid = self.dynamic_feat_size(self.img_size)
         self.grid_size = tuple(grid)
         self.reduction = (stride * 2) ** n_conv_layers
         self.num_patches = grid[0] * grid[1]
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid of an ``img_size`` input (timm's ``PatchEmbed`` has the same method)."""
+        kernel_size, stride, padding, n_conv_layers = self._conv
+        grid = list(img_size)
+        for _ in range(n_conv_layers):
+            grid = [(g + 2 * padding - kernel_size) // stride + 1 for g in grid]  # conv
+            grid = [(g + 2 - 3) // 2 + 1 for g in grid]  # max-pool 3/2/1
+        return grid[0], grid[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last because PyTorch's CPU max-pool is several times faster on it than on NCHW
@@ -167,7 +174,8 @@ class CCT(nn.Module):
     ``"token"`` a class token (ViT-Lite). ``pos_embed`` is ``"learn"``, ``"sine"`` (frozen) or
     ``"none"``. ``drop_rate`` is the official ``dropout`` (after the position embedding, the attention
     projection and both MLP layers); the defaults of ``attn_drop_rate`` and ``drop_path_rate``
-    (0.1 each) are the official ones.
+    (0.1 each) are the official ones. ``dynamic_img_size=True`` (timm's name) takes any image size, the
+    position embedding resampled to that input's token grid (progressive resizing trains on it).
     """
 
     def __init__(
@@ -189,6 +197,7 @@ class CCT(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.1,
         drop_path_rate: float = 0.1,
+        dynamic_img_size: bool = False,
     ) -> None:
         super().__init__()
         pos_embed = "learn" if pos_embed == "learnable" else pos_embed  # the official code's spelling
@@ -199,6 +208,8 @@ class CCT(nn.Module):
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.img_size = to_2tuple(img_size)
+        # timm's name: take other image sizes too, the position embedding resampled to their grid.
+        self.dynamic_img_size = dynamic_img_size
 
         if patch_size is None:
             self.patch_embed = ConvTokenizer(img_size, in_chans, embed_dim, kernel_size, n_conv_layers,
@@ -251,7 +262,17 @@ class CCT(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    def _pos_embed_for(self, img_size: tuple[int, int]) -> torch.Tensor:
+        """The position embedding for an input of ``img_size``: resampled (bicubic, as timm's ViTs)
+        when its token grid is not the built one, e.g. for progressive resizing."""
+        grid = tuple(self.patch_embed.dynamic_feat_size(img_size))
+        if not self.dynamic_img_size or grid == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.patch_embed.grid_size),
+                                      num_prefix_tokens=self.num_prefix_tokens, verbose=False)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        img_size = (x.shape[-2], x.shape[-1])
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -259,7 +280,7 @@ class CCT(nn.Module):
             # In place, as in the official code: the sum then writes through the tokenizer's
             # (B, C, H, W) -> (B, H*W, C) view, so the gradient reaches the max-pool as an NCHW
             # tensor and its backward does not first copy the feature map to channels-last.
-            x = x.add_(self.pos_embed)
+            x = x.add_(self._pos_embed_for(img_size))
         x = self.blocks(self.pos_drop(x))
         return self.norm(x)
 
@@ -291,8 +312,8 @@ def _cct_anatomy(model: CCT) -> Anatomy:
         grid=grid,
         prefix_tokens=prefix,
         patch_size=stride,
-        # Only the position embedding fixes the input size; without one any size runs.
-        image_size=model.img_size if model.pos_embed is not None else None,
+        # Only the position embedding fixes the input size; without one (or resampled) any size runs.
+        image_size=model.img_size if model.pos_embed is not None and not model.dynamic_img_size else None,
         # x = norm2(x + attn(norm1 x)); x = x + mlp(x): the MLP's stream is norm2's output.
         residuals=[site for i in range(len(model.blocks)) for site in (
             ResidualSite(f"block{i + 1}.attn", "attn", (f"blocks.{i}.norm1", "input"), f"blocks.{i}.attn", "tokens", prefix),
