@@ -216,3 +216,54 @@ def test_eval_flip_logs_its_accuracy_beside_the_plain_one(tmp_path):
     row = next(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert {"val_acc", "val_acc_flip", "val_loss_flip"} <= set(row)
     assert float(row["val_loss_flip"]) != float(row["val_loss"])  # a second, different evaluation
+
+
+def test_config_parses_progressive_resize_stages():
+    cfg = tiny_config(epochs=10, progressive_resize="16:2, 24:3")
+    assert cfg.resize_stages() == [(16, 2), (24, 3)]
+    assert [cfg.train_size_at(e) for e in range(10)] == [16, 16, 24, 24, 24] + [None] * 5
+    assert tiny_config().resize_stages() == [] and tiny_config().train_size_at(0) is None
+
+
+def test_progressive_resize_trains_each_stage_at_its_size(tmp_path, monkeypatch):
+    import vitlab.train.trainer as trainer
+
+    seen = []  # the image sizes the model trains on, one per step
+
+    def recording(cfg):
+        model = build(cfg)
+        model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]) if m.training else None)
+        return model
+
+    build = trainer.build_model
+    monkeypatch.setattr(trainer, "build_model", recording)
+    cfg = tiny_config(model="cct_2_3x2_32", model_args={}, drop_path=0.0, progressive_resize="16:1,24:1")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert seen == [16] * 3 + [24] * 3 + [32] * 3  # 3 steps an epoch
+    assert [m["train_size"] for m in result.metrics] == [16, 24, 32]
+    assert load_config(tmp_path / "run" / "config.yaml").model_args["dynamic_img_size"] is True
+
+
+def test_progressive_resize_resumes_exactly(tmp_path):
+    cfg = tiny_config(progressive_resize="16:1")  # a timm ViT: dynamic_img_size resamples its embedding
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "cut", progress=False, stop_after_epoch=0)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(progressive_resize="24"), "SIZE:EPOCHS stages such as 24:16"),
+    (dict(progressive_resize="24:0"), "SIZE:EPOCHS stages"),
+    (dict(progressive_resize="24:2,16:1"), "leave at least the last epoch at full size"),
+    (dict(progressive_resize="32:1"), "stage 32 px is not smaller than the 32 px images"),
+    (dict(progressive_resize="18:1"), "not a multiple of vit_nano_patch4_32's patch size 4; use e.g. 16"),
+    (dict(progressive_resize="16:1", objective="mp3"), "progressive-resize is for supervised training"),
+    (dict(progressive_resize="16:1", model="mixer_nano_patch4_32", model_args={}, drop_path=0.0),
+     "mixer_nano_patch4_32 takes only the size it was built for"),
+])
+def test_bad_progressive_resize_is_one_clear_line(tmp_path, overrides, message):
+    with pytest.raises(VitlabError, match=message):
+        train(tiny_config(**overrides), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -232,6 +232,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-flip", action="store_const", const=True,
                    help="also report validation accuracy with horizontal-flip test-time augmentation "
                         "(val_acc_flip in metrics.csv, beside the plain val_acc)")
+    p.add_argument("--progressive-resize", metavar="SIZE:EPOCHS[,...]",
+                   help="train the first EPOCHS epochs on images downscaled to SIZE x SIZE (stages in order; e.g. "
+                        "24:16), the rest at full size: cheaper early epochs; validation stays at full size "
+                        "(models with a position embedding resample it; default off)")
     p.add_argument("--seed", type=int, help=f"(default {t.seed})")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/MODEL-DATA-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -333,7 +337,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "weight_decay": args.weight_decay, "min_lr": args.min_lr, "warmup_epochs": args.warmup_epochs,
             "label_smoothing": args.label_smoothing, "drop_path": args.drop_path, "seed": args.seed,
-            "eval_flip": args.eval_flip,
+            "eval_flip": args.eval_flip, "progressive_resize": args.progressive_resize,
             "optimizer": args.optimizer, "mixup": args.mixup, "cutmix": args.cutmix, "ema_decay": args.ema_decay,
             "spatial_entropy": args.spatial_entropy, "spatial_entropy_warmup": args.spatial_entropy_warmup,
             "last_attention_skip": args.last_attention_skip, "exit_training": args.exit_training,

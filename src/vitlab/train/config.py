@@ -109,6 +109,11 @@ class TrainConfig:
     #: validation image and its mirror), logged as ``val_loss_flip`` / ``val_acc_flip`` beside the
     #: plain ``val_acc``, which it never replaces.
     eval_flip: bool = False
+    #: Progressive resizing: ``"SIZE:EPOCHS[,SIZE:EPOCHS...]"`` trains the first EPOCHS epochs on
+    #: batches downscaled to SIZE x SIZE (antialiased bilinear, after augmentation), stage after
+    #: stage, and the remaining epochs at the data's own size; validation is always at full size.
+    #: Smaller images are cheaper steps: more epochs in the same time. ``None``: off.
+    progressive_resize: str | None = None
     #: Start from these weights (safetensors, or a trusted pickle) instead of a fresh initialisation;
     #: matched by name, a classifier of another size kept as initialised (:mod:`vitlab.weights`).
     init_weights: str | None = None
@@ -158,6 +163,9 @@ class TrainConfig:
             (self.objective == "supervised" or not self.eval_flip,
              f"--eval-flip averages a classifier's logits; --method {self.objective}'s validation is its own "
              f"objective (or a k-NN monitor): leave it off, and use it when fine-tuning"),
+            (self.objective == "supervised" or not self.progressive_resize,
+             f"--progressive-resize is for supervised training; --method {self.objective}'s targets are sized to the "
+             f"full token grid: leave it off, and use it when fine-tuning"),
             (0 < self.mp3_keep <= 1, f"mp3_keep (the fraction of patches used as keys) must be in (0, 1], not {self.mp3_keep}"),
             (0 < self.mae_mask_ratio < 1, f"mae_mask_ratio (the fraction of patches hidden) must be in (0, 1), "
                                           f"not {self.mae_mask_ratio}"),
@@ -188,6 +196,32 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VitlabError(message)
+        stages = self.resize_stages()
+        if sum(epochs for _, epochs in stages) >= self.epochs:
+            raise VitlabError(f"progressive_resize '{self.progressive_resize}' has {sum(e for _, e in stages)} epochs of "
+                              f"smaller images out of {self.epochs}: leave at least the last epoch at full size")
+
+    def resize_stages(self) -> list[tuple[int, int]]:
+        """``progressive_resize`` as (size, epochs) stages in training order; [] when it is off."""
+        if not self.progressive_resize:
+            return []
+        stages = []
+        for part in self.progressive_resize.split(","):
+            size, _, epochs = part.strip().partition(":")
+            if not (size.isdigit() and epochs.isdigit() and int(size) > 0 and int(epochs) > 0):
+                raise VitlabError(f"progressive_resize is SIZE:EPOCHS stages such as 24:16 or 16:6,24:10 (positive "
+                                  f"integers), not '{self.progressive_resize}'")
+            stages.append((int(size), int(epochs)))
+        return stages
+
+    def train_size_at(self, epoch: int) -> int | None:
+        """The image size epoch ``epoch`` (0-based) trains at under progressive resizing; None: full size."""
+        end = 0
+        for size, epochs in self.resize_stages():
+            end += epochs
+            if epoch < end:
+                return size
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import get_pretrained_cfg
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -86,7 +87,13 @@ ARCHITECTURE_FIELDS = ("model", "conv_init", "conv_init_strength", "last_attenti
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The run's model, as ``cfg`` describes it (architecture changes of training options included)."""
-    model = create_model(cfg.model, **cfg.model_args)
+    try:
+        model = create_model(cfg.model, **cfg.model_args)
+    except VitlabError as e:
+        if cfg.progressive_resize and "dynamic_img_size" in str(e):
+            raise VitlabError(f"--progressive-resize trains on smaller images and {cfg.model} takes only the size it "
+                              "was built for; use a model that takes any size (CCT, vit_*, a CNN) or leave it off") from None
+        raise
     if cfg.conv_init:  # new parameters (the bias tables): saved weights load back into this model
         apply_conv_init(model, cfg.conv_init, cfg.conv_init_strength, cfg.model)
     if not cfg.last_attention_skip:
@@ -100,6 +107,8 @@ def model_args_for(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
     pretrained_cfg = get_pretrained_cfg(cfg.model)
     if pretrained_cfg is None or pretrained_cfg.fixed_input_size:
         args["img_size"] = info.image_size  # ViTs and Mixers size their token grid from it
+        if cfg.progressive_resize:
+            args["dynamic_img_size"] = True  # smaller stages: the position embedding resampled to their grid
     if cfg.drop_path > 0:
         args["drop_path_rate"] = cfg.drop_path
     return {**args, **cfg.model_args}  # explicit model_args win
@@ -194,6 +203,7 @@ def train(
             raise VitlabError(f"--exit-training {cfg.exit_training} trains exit branches, and {cfg.model} has none; "
                               "use an early_exit_* model (vitlab models 'early_exit*')")
         model.freeze_backbone()  # stage two: the trained backbone (from --init-weights) stays as it is
+    check_resize_stages(cfg, model, info)
     if not resume and world.is_main:  # only once the model builds: a bad option must not leave a half-made run
         rundir.save_config(run_dir, cfg)
         rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
@@ -275,6 +285,7 @@ def train(
             module.eval()
         bar = tqdm(train_loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", disable=not show,
                    leave=False, unit="batch", dynamic_ncols=True, initial=step, total=steps_per_epoch)
+        train_size = cfg.train_size_at(epoch)  # progressive resizing: this epoch's stage (None: full size)
         started = time.perf_counter()
         for step, (images, labels) in enumerate(bar, start=step):
             if stop_after_step is not None and global_step >= stop_after_step:
@@ -286,6 +297,8 @@ def train(
             if world.device.type == "cuda":
                 torch.cuda.manual_seed(step_seed)
             images, labels = images.to(world.device, non_blocking=True), labels.to(world.device, non_blocking=True)
+            if train_size is not None:
+                images = F.interpolate(images, size=(train_size, train_size), mode="bilinear", antialias=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = labels
@@ -358,6 +371,8 @@ def train(
                             train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                             val_loss=val_loss, val_acc=val_acc, time_s=round(elapsed, 3),
                             images_per_s=round(total.seen / max(sums.seconds, 1e-9), 1)))
+        if cfg.progressive_resize:
+            metrics[-1]["train_size"] = train_size or info.image_size
         if entropy_probe is not None:
             metrics[-1]["spatial_entropy"] = total.entropy / total.seen
         if ema is not None and task is None:  # the EMA's classifier is untrained under an objective
@@ -382,6 +397,18 @@ def train(
         checkpoint(epoch + 1, 0, sums)
     stack.close()
     return TrainResult(run_dir, model, cfg, info, metrics)
+
+
+def check_resize_stages(cfg: TrainConfig, model: nn.Module, info: DatasetInfo) -> None:
+    """Refuse progressive-resizing stages the data or the model cannot take, in one line, before any work."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    for size, _ in cfg.resize_stages():
+        if size >= info.image_size:
+            raise VitlabError(f"progressive_resize stage {size} px is not smaller than the {info.image_size} px images; "
+                              f"use sizes below {info.image_size} (e.g. {3 * info.image_size // 4})")
+        if patch is not None and any(size % p for p in patch):
+            raise VitlabError(f"progressive_resize stage {size} px is not a multiple of {cfg.model}'s patch size "
+                              f"{patch[0]}; use e.g. {max(patch[0], size // patch[0] * patch[0])}")
 
 
 def out_of_memory_error(error: BaseException, batch_size: int, step: int) -> BaseException:
