@@ -245,7 +245,7 @@ def test_dynamic_img_size_resamples_the_position_embedding():
     fixed = create_model("cct_4_3x2_32").eval()
     dynamic = create_model("cct_4_3x2_32", dynamic_img_size=True).eval()
     dynamic.load_state_dict(fixed.state_dict())
-    assert anatomy(dynamic).image_size is None and anatomy(fixed).image_size == (32, 32)
+    assert anatomy(dynamic) == anatomy(fixed)  # analyses still see the size it was built for and its grid
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(dynamic(x), fixed(x))  # its own size: the table as it is
     # 24x24 gives a 6x6 grid: the same function as a 24x24 model holding timm's resampling of the 8x8 table.
@@ -256,6 +256,10 @@ def test_dynamic_img_size_resamples_the_position_embedding():
     assert torch.allclose(dynamic(x), small(x), atol=1e-6)
     dynamic(x).sum().backward()  # the gradient reaches the one 8x8 table
     assert dynamic.pos_embed.grad.shape == (1, 64, 128) and dynamic.pos_embed.grad.abs().sum() > 0
+    # Analyses feed it the size its anatomy's grid belongs to, as they do the fixed model.
+    from vitlab.analysis.subjects import subject_from_name
+
+    assert subject_from_name("cct_4_3x2_32", dynamic_img_size=True).prepare(torch.rand(1, 3, 48, 48)).shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("size", [16, 24, 30, 40])

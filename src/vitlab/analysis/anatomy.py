@@ -190,8 +190,8 @@ def _vit(model: nn.Module) -> Anatomy:
         grid=grid,
         prefix_tokens=model.num_prefix_tokens,
         patch_size=patch,
-        # dynamic_img_size: the position embedding is resampled to any input's grid.
-        image_size=pair(embed.img_size) if embed.img_size is not None and not model.dynamic_img_size else None,
+        # Kept under dynamic_img_size too: ``grid`` is this size's grid, so analyses feed the model this size.
+        image_size=pair(embed.img_size) if embed.img_size is not None else None,
         residuals=[site for i in range(len(model.blocks))
                    for site in vit_block_residuals(f"blocks.{i}", f"block{i + 1}", model.num_prefix_tokens)],
         mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))],

@@ -67,10 +67,13 @@ def _guard_input_size(name: str, model: nn.Module) -> None:
     """Make a wrong input size one clear error instead of an assertion deep inside the model.
 
     Models whose anatomy gives a fixed ``image_size`` (a position embedding or token grid sized
-    at build time) get a forward pre-hook that checks every input against it.
+    at build time) get a forward pre-hook that checks every input against it; a model built with
+    ``dynamic_img_size=True`` resamples its position embedding to any size and gets none.
     """
     from ..analysis.anatomy import anatomy
 
+    if getattr(model, "dynamic_img_size", False):
+        return
     try:
         size = anatomy(model).image_size
     except VitlabError:

@@ -312,8 +312,9 @@ def _cct_anatomy(model: CCT) -> Anatomy:
         grid=grid,
         prefix_tokens=prefix,
         patch_size=stride,
-        # Only the position embedding fixes the input size; without one (or resampled) any size runs.
-        image_size=model.img_size if model.pos_embed is not None and not model.dynamic_img_size else None,
+        # Only the position embedding fixes the input size; without one any size runs. A dynamic model
+        # (dynamic_img_size) keeps it: ``grid`` is the grid of that size, so analyses feed it that size.
+        image_size=model.img_size if model.pos_embed is not None else None,
         # x = norm2(x + attn(norm1 x)); x = x + mlp(x): the MLP's stream is norm2's output.
         residuals=[site for i in range(len(model.blocks)) for site in (
             ResidualSite(f"block{i + 1}.attn", "attn", (f"blocks.{i}.norm1", "input"), f"blocks.{i}.attn", "tokens", prefix),
