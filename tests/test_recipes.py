@@ -49,39 +49,29 @@ def test_unknown_recipe_is_one_line_naming_the_recipes():
         load_recipe("ctt")
 
 
-def test_cli_recipe_run_records_every_value(tmp_path, capsys):
-    from vitlab.cli import main
-
-    assert main(["train", "--recipe", "cct", "--model", "cct_2_3x2_32", "--epochs", "1", "--batch-size", "16",
-                 "--num-train", "32", "--num-val", "16", "--precision", "fp32", "--out", str(tmp_path / "run")]) == 0
+def test_cli_recipe_run_records_every_value(tmp_path, cli):
+    code, _, err = cli("train", "--recipe", "cct", "--model", "cct_2_3x2_32", "--epochs", "1", "--batch-size", "16",
+                       "--num-train", "32", "--num-val", "16", "--precision", "fp32", "--out", tmp_path / "run")
+    assert code == 0, err[-2000:]
     cfg = read_config(tmp_path / "run")
     assert cfg.recipe == "cct" and cfg.model == "cct_2_3x2_32" and cfg.epochs == 1  # the command line wins
     assert (cfg.mixup, cfg.cutmix, cfg.lr, cfg.data.randaugment) == (0.8, 1.0, 5.5e-4, "rand-m9-mstd0.5")
     assert (tmp_path / "run" / "model_ema.safetensors").exists()
-    capsys.readouterr()
-    assert main(["recipes"]) == 0
-    listing = capsys.readouterr().out
-    assert all(name in listing for name in FAMILIES) and "cct_7_3x1_32" in listing
+    code, listing, _ = cli("recipes")
+    assert code == 0 and all(name in listing for name in FAMILIES) and "cct_7_3x1_32" in listing
 
 
-def test_model_arg_adds_a_constructor_keyword_to_the_recipes(tmp_path, capsys):
-    from vitlab.cli import main
-
+def test_model_arg_adds_a_constructor_keyword_to_the_recipes(tmp_path, cli):
     assert tiny().merged({"model_args": {"mlp_ratio": 2.0}}).model_args == {"depth": 2, "mlp_ratio": 2.0}
-    # In process, not a subprocess: the console script itself is tested in test_cli.py.
     command = ["train", "--model", "cct_2_3x2_32", "--epochs", "1", "--batch-size", "16", "--num-train", "32",
-               "--num-val", "16", "--precision", "fp32", "--out", str(tmp_path / "run")]
-    assert main(command + ["--model-arg", "attn_drop_rate=0"]) == 0
+               "--num-val", "16", "--precision", "fp32", "--out", tmp_path / "run"]
+    code, _, err = cli(*command, "--model-arg", "attn_drop_rate=0")
+    assert code == 0, err[-2000:]
     cfg = read_config(tmp_path / "run")
     assert cfg.model_args["attn_drop_rate"] == 0
     assert build_model(cfg).blocks[0].attn.attn_drop.p == 0  # the CCT default is 0.1
     for arg, message in (("attn_drop_rate", "is not KEY=VALUE"), ("colour=red", "does not take the option 'colour'")):
-        capsys.readouterr()
-        try:
-            code = main(command + ["--overwrite", "--model-arg", arg])
-        except SystemExit as e:  # argparse's own error exit
-            code = e.code
-        err = capsys.readouterr().err
+        code, _, err = cli(*command, "--overwrite", "--model-arg", arg)
         assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
 
 

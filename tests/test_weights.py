@@ -78,32 +78,23 @@ def test_a_checkpoint_of_another_model_is_one_clear_line(tmp_path):
         load_weights_file(vitlab.create_model("resnet20_cifar"), tmp_path / "bad.safetensors")
 
 
-def run_cli(capsys, *args) -> tuple[int, str]:
-    """``vitlab ARGS`` in this process (the console script itself is tested in test_cli.py): exit code, stderr."""
-    from vitlab.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def test_cli_train_from_weights_and_analyze_model_at_file(tmp_path, capsys, monkeypatch):
+def test_cli_train_from_weights_and_analyze_model_at_file(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     source = vitlab.create_model("vit_nano_patch4_32", num_classes=10)
     path = save_safetensors(source, tmp_path / "vit.safetensors")
     torch.save(source.state_dict(), tmp_path / "vit.pth")
     common = ["train", "--model", "vit_nano_patch4_32", "--epochs", "1", "--batch-size", "32", "--num-train", "64",
               "--num-val", "32"]
-    code, err = run_cli(capsys, *common, "--init-weights", tmp_path / "vit.pth", "--out", tmp_path / "a")
+    code, _, err = cli(*common, "--init-weights", tmp_path / "vit.pth", "--out", tmp_path / "a")
     assert code == 2 and "pass --trust-pickle" in err and "Traceback" not in err
-    code, err = run_cli(capsys, *common, "--init-weights", tmp_path / "vit.pth", "--trust-pickle", "--out", tmp_path / "a")
+    code, _, err = cli(*common, "--init-weights", tmp_path / "vit.pth", "--trust-pickle", "--out", tmp_path / "a")
     assert code == 0, err[-2000:]
     init = load_weights_file(vitlab.create_model("vit_nano_patch4_32", num_classes=10), tmp_path / "a" / "init.safetensors")
     assert init.loaded == len(source.state_dict())
     from vitlab.train import read_config
 
     assert read_config(tmp_path / "a").init_weights == str(tmp_path / "vit.pth")
-    code, err = run_cli(capsys, "analyze", f"vit_nano_patch4_32@{path}", "--analyses", "cka", "--analysis-images", "64",
-                        "--analysis-batch-size", "32", "--num-val", "64", "--out", tmp_path / "report")
+    code, _, err = cli("analyze", f"vit_nano_patch4_32@{path}", "--analyses", "cka", "--analysis-images", "64",
+                       "--analysis-batch-size", "32", "--num-val", "64", "--out", tmp_path / "report")
     assert code == 0, err[-2000:]
     assert "vit_nano_patch4_32@vit" in (tmp_path / "report" / "results.json").read_text()
