@@ -265,8 +265,10 @@ class CCT(nn.Module):
     def _pos_embed_for(self, img_size: tuple[int, int]) -> torch.Tensor:
         """The position embedding for an input of ``img_size``: resampled (bicubic, as timm's ViTs)
         when its token grid is not the built one, e.g. for progressive resizing."""
+        if not self.dynamic_img_size:
+            return self.pos_embed
         grid = tuple(self.patch_embed.dynamic_feat_size(img_size))
-        if not self.dynamic_img_size or grid == tuple(self.patch_embed.grid_size):
+        if grid == tuple(self.patch_embed.grid_size):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.patch_embed.grid_size),
                                       num_prefix_tokens=self.num_prefix_tokens, verbose=False)

@@ -196,9 +196,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VitlabError(message)
-        stages = self.resize_stages()
-        if sum(epochs for _, epochs in stages) >= self.epochs:
-            raise VitlabError(f"progressive_resize '{self.progressive_resize}' has {sum(e for _, e in stages)} epochs of "
+        resized = sum(epochs for _, epochs in self.resize_stages())
+        if resized >= self.epochs:
+            raise VitlabError(f"progressive_resize '{self.progressive_resize}' has {resized} epochs of "
                               f"smaller images out of {self.epochs}: leave at least the last epoch at full size")
 
     def resize_stages(self) -> list[tuple[int, int]]:
