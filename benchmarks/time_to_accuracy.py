@@ -97,10 +97,10 @@ RUNS = {
     # position embedding resampled to the 6x6 grid), the last 12 at 32x32: 28 epochs in 27 minutes
     # (2026-12-03), 82.6% against cct's 81.5%.
     "cct-resize": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16")),
-    # The same recipe sized for a 2-core CPU without native bf16 (AVX2, fp32 steps: CCT-4 ~250 img/s at
-    # 32 px, ~490 at 24, ~1,070 at 16; this VM on 2026-12-03): 10 full-size epochs fill
-    # 30 minutes, or 18 with progressive resizing (8 at 16x16, 6 at 24x24, 4 at 32x32). Measured: 76.0% in
-    # 33.0 min against 77.7% in 31.4 (the trainer ran slower than the bare step they were sized from).
+    # The same recipe sized for a 2-core CPU without native bf16 (AVX2, so fp32; this VM on 2026-12-03):
+    # 10 full-size epochs, or 18 with progressive resizing (8 at 16x16, 6 at 24x24, 4 at 32x32). Measured:
+    # 76.0% in 33.0 min against 77.7% in 31.4, the trainer at 215-245 img/s at 32 px, 380-400 at 24 and
+    # 770-835 at 16 (they were sized from a bare step timing, which left out the trainer's overheads).
     "cct-fp32": Run("cct", dict(CCT_SHORT, epochs=10)),
     "cct-resize-fp32": Run("cct", dict(CCT_SHORT, epochs=18, progressive_resize="16:8,24:6")),
     "resnet": Run("resnet", dict(epochs=10, min_lr=0.0), budget_min=15.0),
