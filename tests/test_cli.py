@@ -13,12 +13,6 @@ FAST_DATA = ["--num-train", "64", "--num-val", "64"]
 BASE_ANALYSES = ["--analyses", "cka,attention_distance"]
 
 
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("command", ["compare", "train", "analyze", "models"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -27,47 +21,47 @@ def test_help(command, capsys):
     assert "usage: vitlab " + command in capsys.readouterr().out
 
 
-def test_models_lists_counts(capsys):
-    code, out, _ = run(["models", "resnet*"], capsys)
+def test_models_lists_counts(cli):
+    code, out, _ = cli("models", "resnet*")
     assert code == 0
     assert "resnet20_cifar" in out and "269,722" in out and "11,173,962" in out
 
 
-def test_unknown_model_is_one_line_with_suggestions(tmp_path, capsys):
-    code, _, err = run(["train", "--model", "resnet21_cifar", "--out", str(tmp_path / "r")] + FAST_DATA, capsys)
+def test_unknown_model_is_one_line_with_suggestions(tmp_path, cli):
+    code, _, err = cli("train", "--model", "resnet21_cifar", "--out", str(tmp_path / "r"), *FAST_DATA)
     assert code == 2
     assert err.strip().count("\n") == 0
     assert "unknown model 'resnet21_cifar'" in err and "resnet20_cifar" in err
 
 
-def test_unknown_data_is_one_line(tmp_path, capsys):
-    code, _, err = run(["train", "--data", "shape", "--out", str(tmp_path / "r")], capsys)
+def test_unknown_data_is_one_line(tmp_path, cli):
+    code, _, err = cli("train", "--data", "shape", "--out", str(tmp_path / "r"))
     assert code == 2 and err.count("\n") == 1 and "did you mean shapes" in err
 
 
-def test_train_then_refuse_existing_then_analyze(tmp_path, capsys):
+def test_train_then_refuse_existing_then_analyze(tmp_path, cli):
     out_dir = tmp_path / "run"
     args = ["train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--out", str(out_dir)]
-    code, out, _ = run(args + FAST_DATA, capsys)
+    code, out, _ = cli(*args, *FAST_DATA)
     assert code == 0 and "val acc" in out and (out_dir / "model.safetensors").exists()
 
-    code, _, err = run(args + FAST_DATA, capsys)
+    code, _, err = cli(*args, *FAST_DATA)
     assert code == 2 and "already exists" in err and err.count("\n") == 1
 
     report_dir = tmp_path / "analysis"
-    code, out, _ = run(["analyze", str(out_dir), "vit_nano_patch4_32", "--out", str(report_dir),
-                        "--analysis-images", "64", "--analysis-batch-size", "32"] + BASE_ANALYSES + FAST_DATA, capsys)
+    code, out, _ = cli("analyze", str(out_dir), "vit_nano_patch4_32", "--out", str(report_dir),
+                       "--analysis-images", "64", "--analysis-batch-size", "32", *BASE_ANALYSES, *FAST_DATA)
     assert code == 0 and f"report: {report_dir / 'report.html'}" in out
     results = json.loads((report_dir / "results.json").read_text())
     assert set(results["cka"]) == {"run vs run", "run vs vit_nano_patch4_32",
                                    "vit_nano_patch4_32 vs vit_nano_patch4_32"}
 
 
-def test_compare_end_to_end_small(tmp_path, capsys):
+def test_compare_end_to_end_small(tmp_path, cli):
     out_dir = tmp_path / "cmp"
-    code, out, _ = run(["compare", "--models", "vit_nano_patch4_32,resnet20_cifar,mixer_nano_patch4_32",
-                        "--epochs", "1", "--out", str(out_dir), "--analysis-images", "64",
-                        "--analysis-batch-size", "32", "--featvis-steps", "2"] + FAST_DATA, capsys)
+    code, out, _ = cli("compare", "--models", "vit_nano_patch4_32,resnet20_cifar,mixer_nano_patch4_32",
+                       "--epochs", "1", "--out", str(out_dir), "--analysis-images", "64",
+                       "--analysis-batch-size", "32", "--featvis-steps", "2", *FAST_DATA)
     assert code == 0 and "report:" in out
     results = json.loads((out_dir / "results.json").read_text())
     assert len(results["cka"]) == 6  # 3 models with themselves + 3 pairs
@@ -92,41 +86,41 @@ def test_console_script_runs():
     assert proc.stderr.strip() == "vitlab: error: no model matches 'no_such_model*'; run `vitlab models` to list them all"
 
 
-def test_image_size_the_patch_does_not_divide(tmp_path, capsys):
-    code, _, err = run(["train", "--model", "vit_nano_patch8_32", "--image-size", "36", "--batch-size", "32", "--out",
-                        str(tmp_path / "r")] + FAST_DATA, capsys)
+def test_image_size_the_patch_does_not_divide(tmp_path, cli):
+    code, _, err = cli("train", "--model", "vit_nano_patch8_32", "--image-size", "36", "--batch-size", "32", "--out",
+                       str(tmp_path / "r"), *FAST_DATA)
     assert code == 2 and "not divisible by the patch size 8" in err and err.strip().count("\n") == 0
 
 
-def test_compare_resume_keeps_finished_runs(tmp_path, capsys):
+def test_compare_resume_keeps_finished_runs(tmp_path, cli):
     out_dir = tmp_path / "cmp"
     args = ["compare", "--models", "resnet20_cifar,vit_nano_patch8_32", "--epochs", "1", "--out", str(out_dir),
             "--analysis-images", "64", "--analysis-batch-size", "32", "--analyses", "cka"] + FAST_DATA
-    assert run(args, capsys)[0] == 0
+    assert cli(*args)[0] == 0
     weights = (out_dir / "resnet20_cifar" / "model.safetensors").read_bytes()
-    code, _, err = run(args, capsys)
+    code, _, err = cli(*args)
     assert code == 2 and "already exists; pass --resume" in err
     (out_dir / "report.html").unlink()
-    assert run(args + ["--resume"], capsys)[0] == 0
+    assert cli(*args, "--resume")[0] == 0
     assert (out_dir / "report.html").exists()
     assert (out_dir / "resnet20_cifar" / "model.safetensors").read_bytes() == weights  # not retrained
 
 
-def test_compare_checks_every_model_name_first(tmp_path, capsys):
-    code, _, err = run(["compare", "--models", "resnet20_cifar,mixer_nano_patch8_31", "--out",
-                        str(tmp_path / "c")] + FAST_DATA, capsys)
+def test_compare_checks_every_model_name_first(tmp_path, cli):
+    code, _, err = cli("compare", "--models", "resnet20_cifar,mixer_nano_patch8_31", "--out",
+                       str(tmp_path / "c"), *FAST_DATA)
     assert code == 2 and "mixer_nano_patch8_32" in err
     assert not (tmp_path / "c").exists()  # nothing was trained
-    code, _, err = run(["compare", "--models", "resnet20_cifar,resnet20_cifar", "--out", str(tmp_path / "c")], capsys)
+    code, _, err = cli("compare", "--models", "resnet20_cifar,resnet20_cifar", "--out", str(tmp_path / "c"))
     assert code == 2 and "listed twice" in err
 
 
-def test_train_from_a_recipe_file_with_command_line_overrides(tmp_path, capsys):
+def test_train_from_a_recipe_file_with_command_line_overrides(tmp_path, cli):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model: resnet20_cifar\nepochs: 1\nbatch_size: 16\nlr: 0.5\n"
                       "data:\n  num_train: 32\n  num_val: 16\n")
     out_dir = tmp_path / "run"
-    code, _, err = run(["train", "--config", str(recipe), "--lr", "0.002", "--out", str(out_dir)], capsys)
+    code, _, err = cli("train", "--config", str(recipe), "--lr", "0.002", "--out", str(out_dir))
     assert code == 0, err
     saved = yaml.safe_load((out_dir / "config.yaml").read_text())
     assert saved["model"] == "resnet20_cifar" and saved["epochs"] == 1 and saved["batch_size"] == 16
@@ -134,11 +128,11 @@ def test_train_from_a_recipe_file_with_command_line_overrides(tmp_path, capsys):
     assert saved["data"]["num_train"] == 32
 
 
-def test_report_table_shows_each_models_numbers(tmp_path, capsys):
+def test_report_table_shows_each_models_numbers(tmp_path, cli):
     out_dir = tmp_path / "cmp"
-    code, _, _ = run(["compare", "--models", "resnet20_cifar,mixer_nano_patch4_32", "--epochs", "1",
-                      "--out", str(out_dir), "--analysis-images", "32", "--analysis-batch-size", "16"]
-                     + BASE_ANALYSES + FAST_DATA, capsys)
+    code, _, _ = cli("compare", "--models", "resnet20_cifar,mixer_nano_patch4_32", "--epochs", "1",
+                     "--out", str(out_dir), "--analysis-images", "32", "--analysis-batch-size", "16",
+                     *BASE_ANALYSES, *FAST_DATA)
     assert code == 0
     results = json.loads((out_dir / "results.json").read_text())
     html = (out_dir / "report.html").read_text()
@@ -148,29 +142,28 @@ def test_report_table_shows_each_models_numbers(tmp_path, capsys):
         assert f"{100 * row['val_acc']:.1f}" in table and row["val_acc"] is not None
 
 
-def test_existing_output_is_refused_then_overwritten(tmp_path, capsys):
+def test_existing_output_is_refused_then_overwritten(tmp_path, cli):
     out_dir = tmp_path / "ana"
     args = ["analyze", "resnet20_cifar", "--out", str(out_dir), "--analysis-images", "32",
             "--analysis-batch-size", "16"] + BASE_ANALYSES + FAST_DATA
-    assert run(args, capsys)[0] == 0
-    code, _, err = run(args, capsys)
+    assert cli(*args)[0] == 0
+    code, _, err = cli(*args)
     assert code == 2 and "already exists; pass --overwrite" in err
     (out_dir / "stale.txt").write_text("from before")
-    assert run(args + ["--overwrite"], capsys)[0] == 0
+    assert cli(*args, "--overwrite")[0] == 0
     assert not (out_dir / "stale.txt").exists() and (out_dir / "report.html").exists()
 
 
-def test_overwrite_never_deletes_a_run_being_analysed(tmp_path, capsys):
+def test_overwrite_never_deletes_a_run_being_analysed(tmp_path, cli):
     run_dir = tmp_path / "runs" / "r20"
-    assert run(["train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--out",
-                str(run_dir)] + FAST_DATA, capsys)[0] == 0
-    code, _, err = run(["analyze", str(run_dir), "--out", str(tmp_path / "runs"), "--overwrite"] + FAST_DATA,
-                       capsys)
+    assert cli("train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--out",
+               str(run_dir), *FAST_DATA)[0] == 0
+    code, _, err = cli("analyze", str(run_dir), "--out", str(tmp_path / "runs"), "--overwrite", *FAST_DATA)
     assert code == 2 and "would delete" in err and (run_dir / "model.safetensors").exists()
 
 
-def test_texture_mode_reaches_the_run_config(tmp_path, capsys):
+def test_texture_mode_reaches_the_run_config(tmp_path, cli):
     out_dir = tmp_path / "run"
-    assert run(["train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--texture-mode", "match",
-                "--out", str(out_dir)] + FAST_DATA, capsys)[0] == 0
+    assert cli("train", "--model", "resnet20_cifar", "--epochs", "1", "--batch-size", "32", "--texture-mode", "match",
+               "--out", str(out_dir), *FAST_DATA)[0] == 0
     assert yaml.safe_load((out_dir / "config.yaml").read_text())["data"]["texture_mode"] == "match"

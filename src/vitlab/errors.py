@@ -17,6 +17,14 @@ class VitlabError(ValueError):
     """
 
 
+class UnknownOptionError(VitlabError):
+    """A model was built with a keyword it does not take; ``option`` names that keyword."""
+
+    def __init__(self, model: str, option: str) -> None:
+        super().__init__(f"model '{model}' does not take the option '{option}'")
+        self.model, self.option = model, option
+
+
 def closest_names(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The ``n`` entries of ``choices`` most similar to ``name`` (possibly none)."""
     choices = list(choices)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.models import is_model, model_entrypoint
 
-from ..errors import VitlabError, unknown_name_error
+from ..errors import UnknownOptionError, VitlabError, unknown_name_error
 from . import cct, cvt, dhvt, early_exit, levit, mixer, qna, resnet, t2t, vit  # noqa: F401  (registers the models)
 
 __all__ = ["check_model_name", "create_model", "list_models", "count_parameters", "is_vitlab_model"]
@@ -44,7 +44,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     Common overrides: ``num_classes``, ``img_size``, ``drop_path_rate``, ``pretrained`` (timm
     weights; needs the network unless they are cached). Raises :class:`VitlabError` with the
-    closest valid names for an unknown model, and for an image size the patch size does not divide.
+    closest valid names for an unknown model, and for an image size the patch size does not divide;
+    an option the model does not take raises its subclass :class:`~vitlab.errors.UnknownOptionError`.
     """
     check_model_name(name)
     try:
@@ -52,7 +53,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
             bad = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
-            raise VitlabError(f"model '{name}' does not take the option '{bad}'") from None
+            raise UnknownOptionError(name, bad) from None
         if "got multiple values for keyword argument" in str(e):
             fixed = str(e).split("keyword argument")[-1].strip(" '\"")
             raise VitlabError(f"model '{name}' fixes '{fixed}' (it is part of the variant's definition); "

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import DatasetInfo, build_dataset
 from ..data.sampling import SeededBatches, SeededDataset, mix_seed, seed_all
-from ..errors import VitlabError
+from ..errors import UnknownOptionError, VitlabError
 from ..models import count_parameters, create_model
 from ..weights import load_weights_file
 from . import accel, rundir
@@ -89,8 +89,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     """The run's model, as ``cfg`` describes it (architecture changes of training options included)."""
     try:
         model = create_model(cfg.model, **cfg.model_args)
-    except VitlabError as e:
-        if cfg.progressive_resize and "dynamic_img_size" in str(e):
+    except UnknownOptionError as e:
+        if cfg.progressive_resize and e.option == "dynamic_img_size":
             raise VitlabError(f"--progressive-resize trains on smaller images and {cfg.model} takes only the size it "
                               "was built for; use a model that takes any size (CCT, vit_*, a CNN) or leave it off") from None
         raise
