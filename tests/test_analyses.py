@@ -17,7 +17,7 @@ from vitlab.analysis.erf import effective_receptive_field
 from vitlab.analysis.heads import aligned_attention, attention_entropy, attention_rollout, classify_heads, head_offsets
 from vitlab.analysis.localisation import Localisation, image_patches
 from vitlab.analysis.probes import LayerProbes
-from vitlab.analysis.reuse import feature_reuse
+from vitlab.analysis.reuse import feature_reuse, same_parameter_shapes
 from vitlab.analysis.robustness import drop_patches, robustness, salient_drop_masks, shuffle_patches
 from vitlab.analysis.shape_bias import GEIRHOS_CATEGORIES, ConflictShapes, geirhos_shape_bias, shapes_shape_bias
 from vitlab.analysis.skip import SkipRatios
@@ -365,3 +365,13 @@ def test_feature_reuse_of_a_model_with_itself_and_with_a_fresh_one():
     assert np.nanmax(same.weight_change) == 0
     other = feature_reuse(a, fresh, images)
     assert (other.cka[1:] < 0.99).all() and (np.nan_to_num(other.weight_change[1:]) > 0.5).all()
+
+
+def test_feature_reuse_refuses_one_model_name_built_with_other_options():
+    # Same name and layer names, other MLP width (ViT-nano has ratio 2): once a shape error from deep in torch.
+    narrow = subject_from_name("vit_nano_patch4_32", depth=2)
+    wide = subject_from_name("vit_nano_patch4_32", depth=2, mlp_ratio=4.0)
+    assert narrow.anatomy.layer_names == wide.anatomy.layer_names
+    assert not same_parameter_shapes(narrow.model, wide.model)
+    with pytest.raises(VitlabError, match="different model options"):
+        feature_reuse(narrow, wide, [(torch.rand(4, 3, 32, 32), torch.zeros(4))])

@@ -28,7 +28,17 @@ from .capture import Capture
 from .cka import MinibatchCKA
 from .results import to_jsonable
 
-__all__ = ["weight_change", "feature_reuse", "FeatureReuseResult"]
+__all__ = ["same_parameter_shapes", "weight_change", "feature_reuse", "FeatureReuseResult"]
+
+
+def same_parameter_shapes(model_a: nn.Module, model_b: nn.Module) -> bool:
+    """Whether two models have the same parameters by name and shape.
+
+    One model name is not enough: model options such as ``mlp_ratio`` change the shapes but not
+    the layer names.
+    """
+    shapes_a = {k: v.shape for k, v in model_a.named_parameters()}
+    return shapes_a == {k: v.shape for k, v in model_b.named_parameters()}
 
 
 def weight_change(model_a: nn.Module, model_b: nn.Module, module: str) -> float:
@@ -49,6 +59,9 @@ def feature_reuse(subject_a, subject_b, loader: Iterable, progress: bool = False
     if layers != subject_b.anatomy.layer_names:
         raise VitlabError(f"feature reuse compares models with the same layers; {subject_a.name} and "
                           f"{subject_b.name} differ")
+    if not same_parameter_shapes(subject_a.model, subject_b.model):
+        raise VitlabError(f"feature reuse compares models with the same parameter shapes; {subject_a.name} and "
+                          f"{subject_b.name} were built with different model options")
     cka = MinibatchCKA(layers, layers)
     with Capture(subject_a.model, layers, lambda n, t: cka.add(0, n, t)), \
             Capture(subject_b.model, layers, lambda n, t: cka.add(1, n, t)):

@@ -423,7 +423,7 @@ def _erf(subjects, loader, options, out, progress, **_) -> None:
 
 
 def _feature_reuse(subjects, loader, options, out, progress, init_subjects=None, **_) -> None:
-    from .reuse import feature_reuse
+    from .reuse import feature_reuse, same_parameter_shapes
 
     done = False
     for s in subjects:
@@ -434,7 +434,8 @@ def _feature_reuse(subjects, loader, options, out, progress, init_subjects=None,
     # Two runs of the same architecture (e.g. before and after fine-tuning) are compared directly.
     for i, a in enumerate(subjects):
         for b in subjects[i + 1:]:
-            if a.model_name and a.model_name == b.model_name and a.anatomy.layer_names == b.anatomy.layer_names:
+            if (a.model_name and a.model_name == b.model_name and a.anatomy.layer_names == b.anatomy.layer_names
+                    and same_parameter_shapes(a.model, b.model)):
                 out.add("feature_reuse", cka_key(a.name, b.name), feature_reuse(a, b, loader, progress=progress))
                 done = True
     if not done:
