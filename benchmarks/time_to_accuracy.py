@@ -113,6 +113,17 @@ RUNS = {
     # TTA) in 25.8 min, below cct-resize's 82.60% in 27.0: at equal time the wider MLP does not pay.
     "cct-resize-mlp2-25": Run("cct", dict(CCT_SHORT, epochs=25, progressive_resize="24:14",
                                           model_args={"attn_drop_rate": 0.0, "mlp_ratio": 2.0})),
+    # Six-epoch proxies (4 at 24x24, 2 at 32x32, ~5.5 min each) of one change each, to choose what earns
+    # a 30-minute run. Measured 2026-12-04: plain 70.66% (305 s), BatchNorm in the tokenizer 74.88% (326 s),
+    # num_heads 4 71.72% (322 s), tokenizer width 96 instead of 64 72.04% (347 s).
+    **{f"cct-proxy6{suffix}": Run("cct", dict(CCT_SHORT, epochs=6, progressive_resize="24:4",
+                                              model_args={"attn_drop_rate": 0.0, **args}), budget_min=6.0)
+       for suffix, args in {"": {}, "-bn": {"tokenizer_batchnorm": True}, "-heads4": {"num_heads": 4},
+                            "-chans96": {"tokenizer_chans": 96}}.items()},
+    # cct-resize with a BatchNorm after each tokenizer convolution (--model-arg tokenizer_batchnorm=true,
+    # 384 more parameters), the proxies' clear winner.
+    "cct-resize-bn": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16",
+                                     model_args={"attn_drop_rate": 0.0, "tokenizer_batchnorm": True})),
     # The same recipe sized for a 2-core CPU without native bf16 (AVX2, so fp32; this VM on 2026-12-03):
     # 10 full-size epochs, or 18 with progressive resizing (8 at 16x16, 6 at 24x24, 4 at 32x32). Measured:
     # 76.0% in 33.0 min against 77.7% in 31.4, the trainer at 215-245 img/s at 32 px, 380-400 at 24 and

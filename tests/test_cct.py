@@ -165,6 +165,26 @@ def test_channels_last_tokenizer_gives_the_nchw_tokens():
     assert tokens.shape == (2, 64, 128) and tokens.is_contiguous()  # the channels-last reshape is a free view
 
 
+def test_tokenizer_width_and_batchnorm_options_add_exactly_their_parameters():
+    base = count_parameters(create_model("cct_4_3x2_32"))
+    # conv 3->C and C->128, 3x3 kernels, no bias: 96 hidden channels instead of 64 add 32 * 9 * (3 + 128).
+    assert count_parameters(create_model("cct_4_3x2_32", tokenizer_chans=96)) - base == 32 * 9 * (3 + 128)
+    # A BatchNorm (weight and bias) after each convolution: 64 + 128 channels.
+    assert count_parameters(create_model("cct_4_3x2_32", tokenizer_batchnorm=True)) - base == 2 * (64 + 128)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_batchnorm_tokenizer_is_invariant_to_the_input_scale(batchnorm):
+    # Bias-free convolutions, ReLU and max-pool are positively homogeneous, so the plain tokenizer's
+    # tokens scale with its input; a training-mode BatchNorm after each convolution removes the scale.
+    torch.manual_seed(0)
+    tokenizer = create_model("cct_4_3x2_32", tokenizer_batchnorm=batchnorm).patch_embed.train()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ratio = tokenizer(5.0 * x).norm() / tokenizer(x).norm()
+    assert ratio.item() == pytest.approx(1.0 if batchnorm else 5.0, rel=1e-3)
+
+
 ANATOMY = {
     # name: (layers, grid, prefix tokens, patch size in pixels, image size)
     "cct_7_3x1_32": (8, (16, 16), 0, (2, 2), (32, 32)),

@@ -62,6 +62,8 @@ class ConvTokenizer(nn.Module):
     """CCT's tokenizer: ``n_conv_layers`` x [Conv kxk, ReLU, MaxPool 3/2/1], flattened to tokens.
 
     Hidden convolutions have ``hidden_chans`` channels, the last one ``embed_dim``; none has a bias.
+    ``batchnorm=True`` puts a BatchNorm between each convolution and its ReLU (not in the paper:
+    an option for short training, where it lets the tokenizer learn at the transformer's pace).
     Padding and pooling let it take any image size, so it has no ``patch_size`` (which would make
     ``vitlab.create_model`` demand sizes divisible by it); ``reduction`` is its total stride.
     """
@@ -76,6 +78,7 @@ class ConvTokenizer(nn.Module):
         stride: int | None = None,
         padding: int | None = None,
         hidden_chans: int = 64,
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
         # The official rule: kernel 3 -> stride 1, padding 1; kernel 7 -> stride 2, padding 3.
@@ -85,6 +88,7 @@ class ConvTokenizer(nn.Module):
         self.stages = nn.Sequential(*[
             nn.Sequential(OrderedDict(
                 conv=nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
+                norm=nn.BatchNorm2d(c_out) if batchnorm else nn.Identity(),
                 act=nn.ReLU(),
                 pool=nn.MaxPool2d(3, stride=2, padding=1),
             ))
@@ -168,7 +172,8 @@ class CCTBlock(nn.Module):
 class CCT(nn.Module):
     """Compact transformer: tokenizer, position embedding, CCT encoder layers, final norm, pooling, head.
 
-    The default tokenizer is CCT's convolutional one (``kernel_size``, ``n_conv_layers``); with
+    The default tokenizer is CCT's convolutional one (``kernel_size``, ``n_conv_layers``, hidden
+    width ``tokenizer_chans``, ``tokenizer_batchnorm`` for a BatchNorm after each convolution); with
     ``patch_size`` set it is a linear patch embedding (one Conv pxp, stride p, with bias), the
     ViT-Lite and "CVT" baselines. ``global_pool="seqpool"`` is sequence pooling (no class token),
     ``"token"`` a class token (ViT-Lite). ``pos_embed`` is ``"learn"``, ``"sine"`` (frozen) or
@@ -191,6 +196,8 @@ class CCT(nn.Module):
         n_conv_layers: int = 2,
         conv_stride: int | None = None,
         conv_padding: int | None = None,
+        tokenizer_chans: int = 64,
+        tokenizer_batchnorm: bool = False,
         patch_size: int | None = None,
         global_pool: str = "seqpool",
         pos_embed: str = "learn",
@@ -213,7 +220,7 @@ class CCT(nn.Module):
 
         if patch_size is None:
             self.patch_embed = ConvTokenizer(img_size, in_chans, embed_dim, kernel_size, n_conv_layers,
-                                             conv_stride, conv_padding)
+                                             conv_stride, conv_padding, tokenizer_chans, tokenizer_batchnorm)
             self.token_stride = to_2tuple(self.patch_embed.reduction)
         else:  # vitlab.create_model checks that patch_size divides img_size; any size runs without pos_embed
             self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
