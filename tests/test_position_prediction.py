@@ -78,3 +78,29 @@ def test_pretraining_resumes_exactly(tmp_path):
     train(cfg, tmp_path / "cut", resume=True, progress=False)
     a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_of_the_bare_head_format_still_resume(tmp_path):
+    """Checkpoints written before the objectives' shared protocol hold the head's state unprefixed."""
+    from safetensors.torch import load_file
+
+    from vitlab.train import DataConfig, TrainConfig, train
+
+    cfg = TrainConfig(model="vit_nano_patch8_sincos_32", objective="mp3", epochs=2, batch_size=16,
+                      checkpoint_every=1, model_args={"depth": 2}, data=DataConfig(num_train=48, num_val=16))
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "cut", progress=False, stop_after_step=4)
+    for path in (tmp_path / "cut").glob("state-*.pt"):  # rewrite the task state as the old trainer saved it
+        state = torch.load(path, weights_only=True)
+        assert set(state["task"]) == {"head.weight", "head.bias"}
+        state["task"] = {key.removeprefix("head."): value for key, value in state["task"].items()}
+        torch.save(state, path)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_foreign_task_state_is_refused_in_one_line():
+    task = PositionPrediction(create_model("vit_nano_patch8_sincos_32", depth=2))
+    with pytest.raises(VitlabError, match="pretraining state does not fit this run"):
+        task.load_task_state({"decoder.weight": torch.zeros(1)})

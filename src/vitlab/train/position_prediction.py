@@ -72,6 +72,13 @@ class PositionPrediction(PretrainingObjective):
         """Position-prediction loss and accuracy over every token of the validation images."""
         return position_accuracy(self, loader, device)
 
+    def load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the position head; also from checkpoints written before the pretraining objectives
+        shared one protocol, which saved the bare head's state (``weight``, ``bias``) unprefixed."""
+        if state and all("." not in key for key in state):
+            state = {f"head.{key}": value for key, value in state.items()}
+        super().load_task_state(state)
+
 
 @torch.inference_mode()
 def position_accuracy(task: PositionPrediction, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
