@@ -116,10 +116,12 @@ RUNS = {
     # Six-epoch proxies (4 at 24x24, 2 at 32x32, ~5.5 min each) of one change each, to choose what earns
     # a 30-minute run. Measured 2026-12-04: plain 70.66% (305 s), BatchNorm in the tokenizer 74.88% (326 s),
     # num_heads 4 71.72% (322 s), tokenizer width 96 instead of 64 72.04% (347 s).
+    # Then both tokenizer changes together (--runs cct-proxy6-bn-chans96, 0 workers): 73.86% (366 s), below BN alone.
     **{f"cct-proxy6{suffix}": Run("cct", dict(CCT_SHORT, epochs=6, progressive_resize="24:4",
                                               model_args={"attn_drop_rate": 0.0, **args}), budget_min=6.0)
        for suffix, args in {"": {}, "-bn": {"tokenizer_batchnorm": True}, "-heads4": {"num_heads": 4},
-                            "-chans96": {"tokenizer_chans": 96}}.items()},
+                            "-chans96": {"tokenizer_chans": 96},
+                            "-bn-chans96": {"tokenizer_batchnorm": True, "tokenizer_chans": 96}}.items()},
     # cct-resize with a BatchNorm after each tokenizer convolution (--model-arg tokenizer_batchnorm=true,
     # 384 more parameters), the proxies' clear winner. Measured 2026-12-04 (~1,080 img/s at 24x24, ~670 at
     # 32x32): 83.76% (84.44% with flip TTA) in 24.8 min, against cct-resize's 82.60% in 27.0 min.
