@@ -1,5 +1,6 @@
 """Data: the embedded shapes set (determinism, labels, masks, textures), folders, CIFAR, errors."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,18 @@ def test_crop_padding_as_large_as_the_image_is_refused():
 
     with pytest.raises(VitlabError, match="crop_padding"):
         build_transform(8, (0.5,) * 3, (0.5,) * 3, train=True, crop_padding=8)
+
+
+def test_split_seed_fixes_the_validation_split_across_run_seeds(tmp_path):
+    _make_folder(tmp_path, per_class=10)
+    cfg = DataConfig(name=f"imagefolder:{tmp_path}", val_fraction=0.2, image_size=32)
+    val_of = {seed: build_dataset(cfg, "val", seed=seed)[0].indices for seed in (0, 1)}
+    assert val_of[0] != val_of[1]  # without it, the hold-out follows the run's seed
+    fixed = replace(cfg, split_seed=0)
+    assert build_dataset(fixed, "val", seed=1)[0].indices == val_of[0]
+    assert set(build_dataset(fixed, "train", seed=1)[0].indices).isdisjoint(val_of[0])
+    # shapes: the validation images are the split seed's, the training images still the run's
+    shapes = DataConfig(num_train=8, num_val=8, split_seed=0)
+    assert torch.equal(build_dataset(shapes, "val", seed=3)[0][0][0], build_dataset(shapes, "val", seed=0)[0][0][0])
+    assert not torch.equal(build_dataset(shapes, "train", seed=3, train_transform=False)[0][0][0],
+                           build_dataset(shapes, "train", seed=0, train_transform=False)[0][0][0])

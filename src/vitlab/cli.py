@@ -40,6 +40,9 @@ def _add_data_args(p: argparse.ArgumentParser, base, default: str | None = "shap
     g.add_argument("--val-fraction", type=float, metavar="F",
                    help=f"image folders without train/val sub-folders: the seeded class-balanced fraction held out "
                         f"for validation (default {base.val_fraction})")
+    g.add_argument("--split-seed", type=int, metavar="N",
+                   help="seed of the validation split (an image folder's hold-out, shapes' validation images), "
+                        "so runs of several --seed values are measured on one validation set (default: --seed)")
 
 
 def _data_overrides(args: argparse.Namespace) -> dict:
@@ -48,7 +51,7 @@ def _data_overrides(args: argparse.Namespace) -> dict:
             "data.num_val": args.num_val, "data.num_workers": args.num_workers, "data.texture_mode": args.texture_mode,
             "data.augment": args.augment, "data.randaugment": args.randaugment, "data.crop_scale": args.crop_scale,
             "data.crop_padding": args.crop_padding,
-            "data.val_fraction": args.val_fraction}
+            "data.val_fraction": args.val_fraction, "data.split_seed": args.split_seed}
 
 
 def _data_config(args: argparse.Namespace, base=None):

@@ -57,6 +57,10 @@ class DataConfig:
     texture_mode: str = "random"
     #: ``imagefolder`` without ``train``/``val`` subfolders: the fraction of each class held out.
     val_fraction: float = 0.1
+    #: Seed of the validation split: the hold-out of an image folder, the rendered validation images
+    #: of ``shapes``. ``None`` follows the run's seed; set it to compare runs of several seeds on one
+    #: validation set.
+    split_seed: int | None = None
     #: ``crop-flip`` or ``none``; RandAugment as timm's config string (e.g. ``rand-m9-mstd0.5``) or ``None``.
     augment: str = "crop-flip"
     randaugment: str | None = None
@@ -128,23 +132,28 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
     """The ``split`` (``"train"`` or ``"val"``) of the data set ``cfg`` names, with its transform.
 
     ``train_transform`` picks the augmenting transform (default: for the train split). The
-    shapes splits are rendered from seeds derived from ``seed`` so they never share an image.
+    shapes splits are rendered from seeds derived from ``seed`` so they never share an image;
+    ``cfg.split_seed``, when set, takes the place of ``seed`` for the validation split (and for
+    an image folder's hold-out, which decides both splits).
     ``normalize=False`` yields pixels in [0, 1] instead of normalised ones.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not '{split}'")
     kind, path = parse_name(cfg.name)
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
     if kind == "shapes":
         size = cfg.image_size or 32
         n = cfg.num_train if split == "train" else cfg.num_val
-        shapes_cfg = ShapesConfig(num_images=n, image_size=size, seed=2 * seed + (split == "val"),
+        # Even seeds render training images, odd ones validation images: the two never coincide.
+        render_seed = 2 * seed if split == "train" else 2 * split_seed + 1
+        shapes_cfg = ShapesConfig(num_images=n, image_size=size, seed=render_seed,
                                   texture_mode=cfg.texture_mode)
         dataset = ShapesDataset(shapes_cfg, progress=progress)
         info = DatasetInfo("shapes", list(SHAPE_CLASSES), size)
     elif kind in _CIFAR_STATS:
         dataset, info = _cifar(kind, cfg, split)
     else:
-        dataset, info = _imagefolder(path, cfg, split, seed, progress=progress)
+        dataset, info = _imagefolder(path, cfg, split, split_seed, progress=progress)
     if len(dataset) == 0:
         raise VitlabError(f"the {split} split of '{cfg.name}' is empty; check the data set and its options")
     native = info.image_size
