@@ -84,6 +84,8 @@ class Run:
 CCT_SHORT = dict(model="cct_4_3x2_32", lr=1.5e-3, warmup_epochs=1, weight_decay=0.05, model_args={"attn_drop_rate": 0.0},
                  min_lr=0.0, drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
                  **{"data.randaugment": "none", "data.augment": "crop-flip"})
+#: CCT-4 with the tokenizer BatchNorm and the wider MLP: the model of the best runs, shared by their variants.
+BN_MLP2_ARGS = {"attn_drop_rate": 0.0, "tokenizer_batchnorm": True, "mlp_ratio": 2.0}
 RUNS = {
     "cct": Run("cct", dict(epochs=24, **CCT_SHORT)),
     "cct-25": Run("cct", dict(epochs=19, **CCT_SHORT), budget_min=25.0),  # the plain script's budget
@@ -132,30 +134,25 @@ RUNS = {
     # 24x24, ~67 s at 32x32): on capacity (the wider MLP, ~10% slower per step) or on 4 more epochs at 24x24.
     # Measured 2026-12-04: cct-resize-bn-mlp2 84.56% (85.12% with flip TTA) in 27.7 min, 0.61M parameters;
     # on the AMX-BF16 Xeon later that day, from the same seed, 84.30% (85.08%) in 20.0 min.
-    "cct-resize-bn-mlp2": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16",
-                                          model_args={"attn_drop_rate": 0.0, "tokenizer_batchnorm": True,
-                                                      "mlp_ratio": 2.0})),
+    "cct-resize-bn-mlp2": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16", model_args=BN_MLP2_ARGS)),
     # cct-resize-bn-mlp2 from two more seeds (initialisation, batch order, augmentation; the same
     # validation images): the spread of its result.
-    **{f"cct-resize-bn-mlp2-seed{seed}": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16", seed=seed,
-                                                         model_args={"attn_drop_rate": 0.0, "tokenizer_batchnorm": True,
-                                                                     "mlp_ratio": 2.0}))
+    **{f"cct-resize-bn-mlp2-seed{seed}": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16",
+                                                         seed=seed, model_args=BN_MLP2_ARGS))
        for seed in (1, 2)},
     # cct-resize-bn-mlp2 sized to 30 minutes on a faster CPU (an Intel Xeon with AMX-BF16, 2026-12-04),
     # where cct-resize-bn-mlp2 itself took 20.0 min (84.30%): ~34.5 s per epoch at 24x24, ~54 s at 32x32.
     # Measured there: 85.28% (85.96% with flip TTA) in 28.1 min, first above 85% at 25.3 min.
     "cct-resize-bn-mlp2-38": Run("cct", dict(CCT_SHORT, epochs=38, progressive_resize="24:22",
-                                             model_args={"attn_drop_rate": 0.0, "tokenizer_batchnorm": True,
-                                                         "mlp_ratio": 2.0})),
+                                             model_args=BN_MLP2_ARGS)),
     # The other way, 4 more epochs at 24x24: not measured yet (the session's time went to the heads4 run).
     "cct-resize-bn32": Run("cct", dict(CCT_SHORT, epochs=32, progressive_resize="24:20",
                                        model_args={"attn_drop_rate": 0.0, "tokenizer_batchnorm": True})),
     # cct-resize-bn-mlp2 with 4 heads of 32 channels instead of 2 of 64 (the same parameters, ~the same
-    # step time; +1 point in the six-epoch proxies). Measured 2026-12-04: 83.74% (84.40% with flip TTA) in 27.6 min, 0.8 below
-    # cct-resize-bn-mlp2: training accuracy ends higher (92.0% against 91.3%), validation lower.
+    # step time; +1 point in the six-epoch proxies). Measured 2026-12-04: 83.74% (84.40% with flip TTA) in
+    # 27.6 min, 0.8 below cct-resize-bn-mlp2: training accuracy ends higher (92.0% against 91.3%), validation lower.
     "cct-resize-bn-mlp2-heads4": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16",
-                                                 model_args={"attn_drop_rate": 0.0, "tokenizer_batchnorm": True,
-                                                             "mlp_ratio": 2.0, "num_heads": 4})),
+                                                 model_args={**BN_MLP2_ARGS, "num_heads": 4})),
     # The same recipe sized for a 2-core CPU without native bf16 (AVX2, so fp32; this VM on 2026-12-03):
     # 10 full-size epochs, or 18 with progressive resizing (8 at 16x16, 6 at 24x24, 4 at 32x32). Measured:
     # 76.0% in 33.0 min against 77.7% in 31.4, the trainer at 215-245 img/s at 32 px, 380-400 at 24 and
