@@ -84,8 +84,8 @@ class Stopwatch:
 
 
 def run_vitlab(model_a, model_b, loader, clock: Stopwatch) -> np.ndarray:
-    from vitlab.analysis.capture import Capture
     from vitlab.analysis.cka import MinibatchCKA
+    from vitlab.capture import Capture
 
     acc = MinibatchCKA(LAYERS, LAYERS)
     add, end_batch, compute = clock.wrap(acc.add), clock.wrap(acc.end_batch), clock.wrap(acc.compute)

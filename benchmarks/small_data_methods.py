@@ -43,7 +43,7 @@ def run_method(method: str, cfg: TrainConfig, out: Path) -> float:
     """Train ``cfg`` with ``method`` into ``out``; returns the final validation accuracy."""
     final = out.with_name(out.name + "-finetune") if method == "mp3" else out  # the run that ends the method
     if (final / "metrics.csv").exists():  # finished earlier: read back, not trained again
-        from vitlab.train.rundir import read_metrics
+        from vitlab.runs.rundir import read_metrics
 
         metrics = read_metrics(final)
         if metrics and metrics[-1]["epoch"] >= (cfg.epochs - cfg.epochs // 2 if method == "mp3" else cfg.epochs):

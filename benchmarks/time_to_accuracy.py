@@ -28,12 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitlab.data import DataConfig
+from vitlab.config.recipes import load_recipe
 from vitlab.models import count_parameters
+from vitlab.runs import build_model
+from vitlab.runs.rundir import read_config, read_metrics
 from vitlab.train import TrainConfig, train
-from vitlab.train.recipes import load_recipe
-from vitlab.train.rundir import read_config, read_metrics
-from vitlab.train.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10" / "train"

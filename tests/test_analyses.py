@@ -10,8 +10,6 @@ import torch.nn as nn
 from PIL import Image
 
 from vitlab import VitlabError, create_model
-from vitlab.analysis.anatomy import Anatomy, Layer, anatomy
-from vitlab.analysis.capture import Hooks
 from vitlab.analysis.conv_attention import attention_from_conv, conv_attention_error
 from vitlab.analysis.erf import effective_receptive_field
 from vitlab.analysis.heads import aligned_attention, attention_entropy, attention_rollout, classify_heads, head_offsets
@@ -22,6 +20,8 @@ from vitlab.analysis.robustness import drop_patches, robustness, salient_drop_ma
 from vitlab.analysis.shape_bias import GEIRHOS_CATEGORIES, ConflictShapes, geirhos_shape_bias, shapes_shape_bias
 from vitlab.analysis.skip import SkipRatios
 from vitlab.analysis.subjects import Subject, subject_from_name
+from vitlab.anatomy import Anatomy, Layer, anatomy
+from vitlab.capture import Hooks
 
 # --- convolution as attention (Li et al.) ------------------------------------------------------
 

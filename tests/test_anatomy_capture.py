@@ -5,8 +5,8 @@ import timm
 import torch
 
 from vitlab import VitlabError
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 
 CASES = {
     # name: (family, number of layers, grid, prefix tokens, patch size, attention modules)

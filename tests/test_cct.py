@@ -6,8 +6,8 @@ import torch
 import vitlab
 import vitlab.models.cct as cct  # registers the models
 from vitlab import VitlabError, count_parameters, create_model
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 
 # ../shared/reference/models.md (official code), counted as sum(p.numel() for p in model.parameters()).
 REFERENCE_COUNTS = [

@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
 from vitlab import VitlabError, create_model
-from vitlab.analysis.anatomy import anatomy
 from vitlab.analysis.attention import mean_attention_distance
-from vitlab.analysis.capture import Capture, Store
 from vitlab.analysis.subjects import subject_from_run
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.cli import main
 from vitlab.data import DataConfig, build_dataset
+from vitlab.models.conv_init import DEFAULT_STRENGTH, apply_conv_init, kernel_offsets
 from vitlab.train import TrainConfig, train
-from vitlab.train.conv_init import DEFAULT_STRENGTH, apply_conv_init, kernel_offsets
 from vitlab.train.spatial_entropy import SpatialEntropyProbe
 
 TABLE = "rel_pos.relative_position_bias_table"

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import vitlab.models.cvt  # noqa: F401  (registers the models)
 from vitlab import count_parameters, create_model
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.models.cvt import ConvAttention, Cvt, checkpoint_filter_fn
 from vitlab.train import DataConfig, TrainConfig, train
 

@@ -9,8 +9,15 @@ import torch
 from PIL import Image
 
 from vitlab import VitlabError
-from vitlab.data import (SHAPE_CLASSES, DataConfig, ShapesConfig, build_dataset, holdout_indices, load_shapes,
-                         render_shapes)
+from vitlab.data import (
+    SHAPE_CLASSES,
+    DataConfig,
+    ShapesConfig,
+    build_dataset,
+    holdout_indices,
+    load_shapes,
+    render_shapes,
+)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train"
 

@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import vitlab.models.dhvt  # noqa: F401  (registers the models)
 from vitlab import VitlabError, count_parameters, create_model
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.models.dhvt import DAFF, DHVT, SOPE, HeadInteractionAttention
 from vitlab.train import DataConfig, TrainConfig, train
 

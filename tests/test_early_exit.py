@@ -7,8 +7,9 @@ import torch.nn.functional as F
 import vitlab
 import vitlab.models.early_exit  # noqa: F401  (registers the models)
 from vitlab import VitlabError
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.analysis.early_exits import exit_costs, predict
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.models.early_exit import EarlyExitModel
 
 # name: (backbone overrides that keep the test fast, default exits, parameters at 10 classes)
@@ -70,11 +71,11 @@ def test_exits_by_label_path_or_index_sorted_by_depth():
 
 def test_threshold_zero_exits_everything_at_the_first_branch(models):
     model = models["early_exit_vit_nano_patch4_32"]
-    costs = model.exit_costs()  # measured once, on one image, before any predict
+    costs = exit_costs(model)  # measured once, on one image, before any predict
     seen = []
     hook = model.backbone.blocks[1].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     try:
-        result = model.predict(torch.randn(5, 3, 32, 32), threshold=0.0)
+        result = predict(model, torch.randn(5, 3, 32, 32), threshold=0.0, costs=costs)
     finally:
         hook.remove()
     assert seen == []  # the backbone stopped after block 1: nothing left to run
@@ -87,7 +88,7 @@ def test_threshold_zero_exits_everything_at_the_first_branch(models):
 def test_threshold_above_one_never_exits(models, name):
     model = models[name]
     x = torch.randn(4, 3, 32, 32)
-    result = model.predict(x, threshold=1.01)
+    result = predict(model, x, threshold=1.01)
     assert result.exit_index.tolist() == [model.num_exits] * 4
     assert result.compute_saved == 0.0
     with torch.no_grad():
@@ -116,9 +117,10 @@ def test_predict_matches_per_sample_exits_and_shrinks_the_batch(models):
             seen[i] = output.shape[0]
         return hook
 
+    costs = exit_costs(model)  # measured on one image before the hooks count anything
     hooks = [model.backbone.blocks[i].register_forward_hook(count(i)) for i in range(3)]
     try:
-        result = model.predict(x, threshold)
+        result = predict(model, x, threshold, costs)
     finally:
         for h in hooks:
             h.remove()
@@ -133,7 +135,7 @@ def test_compute_saved_falls_as_the_threshold_rises(models):
     model = models["early_exit_resnet20_cifar"]
     torch.manual_seed(2)
     x = torch.randn(16, 3, 32, 32)
-    results = [model.predict(x, t) for t in torch.linspace(0, 1, 11).tolist()]
+    results = [predict(model, x, t) for t in torch.linspace(0, 1, 11).tolist()]
     saved = [r.compute_saved for r in results]
     assert all(a >= b for a, b in zip(saved, saved[1:]))
     assert saved[0] > 0.5 > saved[-1]  # everything at exit 1 vs (almost) everything at the end
@@ -143,18 +145,16 @@ def test_compute_saved_falls_as_the_threshold_rises(models):
 
 def test_macs_count_attention_even_when_fused(models):
     model = models["early_exit_vit_nano_patch4_32"]
-    fused = model.exit_costs()
+    fused = exit_costs(model)
     attentions = [m for m in model.modules() if hasattr(m, "fused_attn")]
     assert all(m.fused_attn for m in attentions)
     try:
         for m in attentions:
             m.fused_attn = False  # the explicit path: q k^T and attn v are plain matmuls
-        model._costs = None
-        explicit = model.exit_costs()
+        explicit = exit_costs(model)
     finally:
         for m in attentions:
             m.fused_attn = True
-        model._costs = fused
     assert fused == explicit
     assert fused.backbone_macs == sorted(fused.backbone_macs) and fused.backbone_macs[-1] < fused.full_macs
 
@@ -197,7 +197,7 @@ def test_wrong_input_size_is_a_clear_error(models, name):
     with pytest.raises(VitlabError, match="32x32"):
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(VitlabError, match="32x32"):
-        models[name].predict(torch.randn(1, 3, 48, 48), 0.5)
+        predict(models[name], torch.randn(1, 3, 48, 48), 0.5)
 
 
 def test_frozen_backbone_trains_only_the_branches():

@@ -5,8 +5,8 @@ import timm
 import torch
 
 from vitlab import VitlabError, count_parameters, create_model
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.models.levit import levit_attention_probs
 from vitlab.train import DataConfig, TrainConfig, train
 

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vitlab import VitlabError
+from vitlab.config import DataConfig, TrainConfig, dump_config, load_config
 from vitlab.data import ShapesConfig, build_transform, render_shapes
 from vitlab.data.sampling import SeededBatches, SeededDataset
 from vitlab.data.shapes import TEXTURE_MODES
 from vitlab.models import list_models
-from vitlab.train.config import DataConfig, TrainConfig, dump_config, load_config
 
 # conftest flushes denormals to zero (as the vitlab command does), so hypothesis must not draw them.
 floats = functools.partial(st.floats, allow_subnormal=False)

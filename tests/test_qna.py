@@ -7,8 +7,8 @@ from timm.optim import create_optimizer_v2
 
 import vitlab.models.qna  # noqa: F401  (registers the models)
 from vitlab import VitlabError, count_parameters, create_model
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.models.qna import LocalSelfAttention, QnALayer, QnAViT
 from vitlab.train import DataConfig, TrainConfig, train
 

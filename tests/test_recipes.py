@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from vitlab import VitlabError, list_models
+from vitlab.config.recipes import list_recipes, load_recipe
+from vitlab.runs import build_model
 from vitlab.train import DataConfig, TrainConfig, read_config, train
-from vitlab.train.recipes import list_recipes, load_recipe
-from vitlab.train.trainer import build_model
 
 FAMILIES = {"cct", "cvt", "dhvt", "levit", "mixer", "qna", "resnet", "t2t", "vit"}
 
@@ -103,7 +103,7 @@ def test_mixup_needs_an_even_batch():
 
 def test_sgd_with_momentum(tmp_path):
     run = train(tiny(optimizer="sgd", lr=0.05, model="resnet20_cifar", model_args={}), tmp_path / "run", progress=False)
-    from vitlab.train.rundir import load_state
+    from vitlab.runs.rundir import load_state
 
     state = load_state(run.run_dir)
     assert any("momentum_buffer" in s for s in state["optimizer"]["state"].values())

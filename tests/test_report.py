@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitlab import VitlabError
-from vitlab.analysis.capture import Capture
 from vitlab.analysis.cka import MinibatchCKA
 from vitlab.analysis.subjects import subject_from_name
 from vitlab.analysis.suite import run_analyses
+from vitlab.capture import Capture
 from vitlab.report.html import ReportMeta, write_report
 
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from vitlab import VitlabError
 from vitlab.data.sampling import SeededBatches
+from vitlab.runs.rundir import list_checkpoints, load_state
 from vitlab.train import DataConfig, TrainConfig, train
-from vitlab.train.rundir import list_checkpoints, load_state
 
 
 def config(**overrides) -> TrainConfig:

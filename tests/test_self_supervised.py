@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from vitlab import VitlabError, create_model
 from vitlab.cli import main
+from vitlab.knn import knn_accuracy
+from vitlab.runs.rundir import load_state
 from vitlab.train import DataConfig, TrainConfig, read_config, train
 from vitlab.train.dino import DINO, augment_views
 from vitlab.train.masked_autoencoder import MaskedAutoencoder
-from vitlab.train.objectives import knn_accuracy
-from vitlab.train.rundir import load_state
 
 TINY = ["--num-train", "64", "--num-val", "32", "--batch-size", "32", "--epochs", "1"]
 
@@ -89,7 +89,7 @@ def test_mae_needs_a_vit():
 
 def test_mae_lowers_the_reconstruction_loss(tmp_path):
     from vitlab.data import build_dataset
-    from vitlab.train.trainer import build_model
+    from vitlab.runs import build_model
 
     cfg = TrainConfig(model="vit_nano_patch8_sincos_32", objective="mae", epochs=2, batch_size=32, lr=2e-3,
                       warmup_epochs=0.2, model_args={"depth": 2}, data=DataConfig(num_train=384, num_val=64))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vitlab import VitlabError, create_model
+from vitlab.models.layers import remove_last_attention_skip
 from vitlab.train import DataConfig, TrainConfig, train
-from vitlab.train.spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip, spatial_entropy
+from vitlab.train.spatial_entropy import SpatialEntropyProbe, entropy_weight, spatial_entropy
 
 
 def logits_from(map2d: torch.Tensor) -> torch.Tensor:

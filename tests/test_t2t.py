@@ -8,8 +8,8 @@ import torch
 
 import vitlab.models.t2t  # noqa: F401  (registers the T2T-ViT models)
 from vitlab import VitlabError, count_parameters, create_model, list_models
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 from vitlab.models.t2t import T2TViT, TokenPerformer, sinusoid_position_table
 from vitlab.train import DataConfig, TrainConfig, train
 

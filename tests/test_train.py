@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from vitlab import VitlabError
+from vitlab.config import dump_config
+from vitlab.runs.rundir import load_weights
 from vitlab.train import DataConfig, TrainConfig, load_config, train
-from vitlab.train.config import dump_config
-from vitlab.train.rundir import load_weights
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -70,7 +70,7 @@ def test_resume_after_a_kill_between_file_writes(tmp_path):
     train(tiny_config(), tmp_path / "full", progress=False)
     cut = train(tiny_config(), tmp_path / "cut", progress=False, stop_after_epoch=0)
     # what a kill right after writing the next epoch's weights leaves behind
-    from vitlab.train.rundir import save_weights
+    from vitlab.runs.rundir import save_weights
 
     with torch.no_grad():
         for p in cut.model.parameters():
@@ -162,7 +162,7 @@ def test_state_of_another_model_is_one_clear_line(tmp_path):
 
 
 def test_damaged_metrics_is_one_clear_line(tmp_path):
-    from vitlab.train.rundir import read_metrics
+    from vitlab.runs.rundir import read_metrics
 
     train(tiny_config(epochs=1), tmp_path / "run", progress=False)
     (tmp_path / "run" / "metrics.csv").write_text("epoch,val_acc\n1,oops\n")

@@ -94,8 +94,8 @@ def test_finetune_keeps_the_source_without_its_last_attention_skip(folder, tmp_p
     source = train(cfg, tmp_path / "src", progress=False).run_dir
     assert main(["finetune", str(source), "--data", f"imagefolder:{folder}", "--epochs", "1", "--batch-size", "8",
                  "--out", str(tmp_path / "ft")]) == 0
+    from vitlab.runs import build_model
     from vitlab.train import read_config
-    from vitlab.train.trainer import build_model
 
     tuned = read_config(tmp_path / "ft")
     assert tuned.last_attention_skip is False

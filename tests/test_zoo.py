@@ -6,10 +6,10 @@ import timm
 import torch
 
 from vitlab import create_model, list_models
-from vitlab.analysis.anatomy import anatomy
-from vitlab.analysis.capture import Capture, Store
 from vitlab.analysis.subjects import subject_from_name
 from vitlab.analysis.suite import run_analyses
+from vitlab.anatomy import anatomy
+from vitlab.capture import Capture, Store
 
 
 def _size_override(name):

@@ -368,9 +368,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .runs import ARCHITECTURE_FIELDS, read_config
     from .train import TrainConfig, train
-    from .train.rundir import read_config
-    from .train.trainer import ARCHITECTURE_FIELDS
 
     source = read_config(args.run)
     # The source's architecture; classes and image size are resolved again from the new data.
@@ -379,7 +378,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     base = TrainConfig(**architecture, model_args=model_args, data=source.data)
     cfg = base.merged({**_train_overrides(args), "finetune_from": str(args.run), "finetune_mode": args.mode,
                        "reinit_blocks": args.reinit_blocks})
-    from .train.rundir import timestamp
+    from .io import timestamp
 
     out = args.out or str(Path("runs") / f"{Path(args.run).name}-{args.mode}-{timestamp()}")
     return _report_training(train(cfg, out, overwrite=args.overwrite, allow_pickle=args.trust_pickle))
@@ -402,8 +401,8 @@ def _report_training(result) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .runs import read_config
     from .train import TrainConfig, load_config, train
-    from .train.rundir import read_config
 
     if isinstance(args.resume, str):
         if args.out and Path(args.out) != Path(args.resume):
@@ -417,7 +416,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.recipe and args.config:
             raise VitlabError("--recipe and --config both name a starting point; pass one of them")
         if args.recipe:
-            from .train.recipes import load_recipe
+            from .config.recipes import load_recipe
 
             cfg = load_recipe(args.recipe)
         else:
@@ -429,7 +428,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from .train.recipes import list_recipes, load_recipe
+    from .config.recipes import list_recipes, load_recipe
 
     print(f"{'recipe':<8} {'model':<22} {'epochs':>6} {'optimizer':<9} {'lr':>8}  augmentation")
     for name in list_recipes():

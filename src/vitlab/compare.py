@@ -18,14 +18,15 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .analysis.subjects import Subject, load_subject, subject_from_run
-from .analysis.supervision import is_self_supervised
 from .analysis.suite import ANALYSES, AnalysisOptions, AnalysisResults, check_analyses, run_analyses
+from .analysis.supervision import is_self_supervised
 from .data import DataConfig, build_dataset
 from .errors import VitlabError
+from .io import timestamp
 from .models import check_model_name
 from .report.html import ReportMeta, write_report
+from .runs import INIT_WEIGHTS, WEIGHTS, read_config
 from .train import TrainConfig, train
-from .train.rundir import INIT_WEIGHTS, timestamp
 
 
 @dataclass
@@ -155,8 +156,6 @@ def compare(
 
 def _check_run_dir(path: str | Path) -> Path:
     """``path`` if it is a finished run directory, else a one-line error naming what it lacks."""
-    from .train.rundir import WEIGHTS
-
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise VitlabError(f"'{path}' is not a run directory (no config.yaml); pass directories that "
@@ -204,8 +203,6 @@ def _analyse(subjects: Sequence[Subject], data: DataConfig, analyses: Sequence[s
 
 def _training_data(run_dir: Path) -> str:
     """What a run was trained on, e.g. ``shapes (match textures)``, from its config."""
-    from .train.rundir import read_config
-
     cfg = read_config(run_dir).data
     return f"{cfg.name} ({cfg.texture_mode} textures)" if cfg.name == "shapes" else cfg.name
 

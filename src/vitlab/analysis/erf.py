@@ -20,8 +20,8 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..anatomy import Anatomy, Layer
 from ..errors import VitlabError
-from .anatomy import Anatomy, Layer
 from .results import to_jsonable
 
 __all__ = ["centre_output", "effective_receptive_field", "ERFResult"]

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..anatomy import Layer
 from ..errors import VitlabError
-from .anatomy import Layer
+from ..knn import knn_predict
 from .results import to_jsonable
 
 __all__ = ["READOUTS", "readouts", "LayerProbes", "ProbeResult"]
@@ -63,16 +64,6 @@ def readouts(output: Tensor, layer: Layer, prefix_tokens: int) -> dict[str, Tens
     if side is not None:
         out["centre"] = spatial[:, (side[0] // 2) * side[1] + side[1] // 2]
     return out
-
-
-def knn_predict(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
-    """Weighted k-NN classes of unit-norm ``queries`` against a unit-norm ``bank`` (Wu et al. 2018):
-    each query's ``k`` most similar bank features vote for their labels with weight
-    ``exp(similarity / temperature)``."""
-    sims, idx = (queries @ bank.T).topk(min(k, bank.shape[0]), dim=1)
-    votes = torch.zeros(queries.shape[0], num_classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
-    return votes.argmax(1)
 
 
 @dataclass

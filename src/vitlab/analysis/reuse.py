@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..capture import Capture
 from ..errors import VitlabError
-from .capture import Capture
 from .cka import MinibatchCKA
 from .results import to_jsonable
 

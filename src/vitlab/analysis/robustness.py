@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..capture import Capture
 from ..errors import VitlabError
-from .capture import Capture
 from .results import to_jsonable
 
 __all__ = ["TESTS", "patch_mask", "drop_patches", "shuffle_patches", "cls_saliency", "salient_drop_masks",

@@ -7,7 +7,7 @@ ratio high in early ViT blocks and low in later ones, and the spatial tokens the
 
 The ratio is computed per token (the L2 norm over channels; for CNN feature maps, per spatial
 position) and averaged over tokens and images, class tokens and spatial tokens apart. Where the
-stream and the branch sit comes from the model's anatomy (:class:`~vitlab.analysis.anatomy.ResidualSite`):
+stream and the branch sit comes from the model's anatomy (:class:`~vitlab.anatomy.ResidualSite`):
 transformer attention and MLP sub-blocks, a Mixer's token- and channel-mixing MLPs, a CNN's
 residual blocks (stream: the block input after its shortcut; branch: the last BatchNorm's output).
 """
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..anatomy import ResidualSite
 from ..errors import VitlabError
-from .anatomy import ResidualSite
 from .results import to_jsonable
 
 __all__ = ["token_norms", "SkipRatios", "SkipResult"]
@@ -43,7 +43,7 @@ def token_norms(x: Tensor, layout: str) -> Tensor:
 class SkipRatios:
     """Streaming mean ``||z|| / ||f||`` of every residual site: float64 sums, one batch in memory.
 
-    Use :meth:`hooks` with :class:`~vitlab.analysis.capture.Hooks`; each forward pass feeds the
+    Use :meth:`hooks` with :class:`~vitlab.capture.Hooks`; each forward pass feeds the
     stream and the branch of every site (in either order) and the ratio is summed as soon as both
     have arrived.
     """
@@ -60,7 +60,7 @@ class SkipRatios:
         self._pending: dict[tuple[int, str], Tensor] = {}
 
     def hooks(self) -> list[tuple[str, str, Callable[[Tensor], None]]]:
-        """``(module path, "input" | "output", fn)`` for :class:`~vitlab.analysis.capture.Hooks`."""
+        """``(module path, "input" | "output", fn)`` for :class:`~vitlab.capture.Hooks`."""
         out = []
         for i, site in enumerate(self.sites):
             stream_layout = "channels" if site.layout == "channels" else "tokens"

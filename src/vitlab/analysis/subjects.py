@@ -14,9 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..anatomy import Anatomy, anatomy
+from ..data.datasets import dataset_stats
 from ..errors import VitlabError
 from ..models import count_parameters, create_model
-from .anatomy import Anatomy, anatomy
+from ..runs import build_model, rundir
+from ..weights import load_weights_file
+from .supervision import supervision_of
 
 
 @dataclass
@@ -63,13 +67,7 @@ def subject_from_run(run_dir: str | Path, name: str | None = None, weights: str 
     ``weights`` picks the file: the trained ``model.safetensors``, or ``init.safetensors`` for the
     same model before training.
     """
-    from ..data.datasets import dataset_stats
-    from ..train import rundir
-    from .supervision import supervision_of
-
     run_dir = Path(run_dir)
-    from ..train.trainer import build_model
-
     cfg = rundir.read_config(run_dir)
     model = build_model(cfg)
     rundir.load_weights(run_dir, model, weights)
@@ -119,8 +117,6 @@ def load_subject(spec: str, pretrained: bool = False, allow_pickle: bool = False
     if path.is_dir():
         return subject_from_run(path)
     if "@" in spec:
-        from ..weights import load_weights_file
-
         name, weights = spec.split("@", 1)
         subject = subject_from_name(name)
         report = load_weights_file(subject.model, weights, allow_pickle=allow_pickle)

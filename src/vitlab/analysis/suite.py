@@ -27,10 +27,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..capture import Capture, Hooks
 from ..distributed import World, all_reduce_sum
 from ..errors import VitlabError, unknown_name_error
 from .attention import AttentionDistance, AttentionDistanceResult
-from .capture import Capture, Hooks
 from .cka import CKAResult, MinibatchCKA
 from .heads import AttentionHeads, HeadsResult
 from .localisation import Localisation, token_grid

@@ -17,7 +17,6 @@ A run's supervision is read from its ``config.yaml`` (:func:`supervision_of`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -25,6 +24,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..errors import VitlabError
+from ..runs import read_config
 from .results import to_jsonable
 
 #: How each training objective is named in reports.
@@ -35,8 +35,6 @@ SELF_SUPERVISED = ("mp3", "mae", "dino")
 
 def supervision_of(run_dir: str | Path) -> str:
     """How the run in ``run_dir`` was trained: its objective, and what it was fine-tuned from."""
-    from ..train.rundir import read_config
-
     cfg = read_config(Path(run_dir))
     label = OBJECTIVE_LABELS.get(cfg.objective, cfg.objective)
     if cfg.finetune_from:
@@ -53,8 +51,6 @@ def supervision_of(run_dir: str | Path) -> str:
 
 def is_self_supervised(run_dir: str | Path) -> bool:
     """True for a pretraining run whose classifier never saw a label (not fine-tuned since)."""
-    from ..train.rundir import read_config
-
     cfg = read_config(Path(run_dir))
     return cfg.objective in SELF_SUPERVISED and not cfg.finetune_from
 

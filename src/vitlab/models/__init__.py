@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from timm.models import is_model, model_entrypoint
 
+from ..anatomy import anatomy
 from ..errors import UnknownOptionError, VitlabError, unknown_name_error
 from . import cct, cvt, dhvt, early_exit, levit, mixer, qna, resnet, t2t, vit  # noqa: F401  (registers the models)
 
@@ -71,8 +72,6 @@ def _guard_input_size(name: str, model: nn.Module) -> None:
     at build time) get a forward pre-hook that checks every input against it; a model built with
     ``dynamic_img_size=True`` resamples its position embedding to any size and gets none.
     """
-    from ..analysis.anatomy import anatomy
-
     if getattr(model, "dynamic_img_size", False):
         return
     try:

@@ -36,7 +36,7 @@ import torch.nn as nn
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, ResidualSite, register_anatomy
+from ..anatomy import Anatomy, AttentionSite, Layer, ResidualSite, register_anatomy
 from ..errors import VitlabError
 
 POS_EMBEDS = ("learn", "sine", "none")

@@ -43,7 +43,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, QuickGELU, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..analysis.anatomy import Anatomy, Layer, register_anatomy
+from ..anatomy import Anatomy, Layer, register_anatomy
 
 # The official models use LayerNorm with PyTorch's default eps everywhere.
 _LayerNorm = partial(nn.LayerNorm, eps=1e-5)

@@ -37,7 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
 
 __all__ = ["DHVT", "SOPE", "DAFF", "HeadInteractionAttention", "DHVTBlock"]
 

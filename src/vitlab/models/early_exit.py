@@ -33,21 +33,14 @@ the cross-entropies of all outputs (``sum(ce(o, y) for o in model(x))``, accurac
 and train only the branches; its "copycat" variant trains each branch on the final head's
 predictions instead of the labels (``final_logits.detach()`` from ``forward_exits``).
 
-**Inference** (:meth:`EarlyExitModel.predict`): each sample leaves at the first branch whose
-softmax confidence (top probability) is ``>= threshold``. The backbone runs block by block
-through its own ``forward``: a forward hook at each exit layer runs the branch and hands only
-the samples still running to the next layer, and the forward stops when none is left. Compute
-is counted per sample from MACs measured once on one image with ``FlopCounterMode`` (attention
-matmuls included, fused CPU attention too): the backbone up to each exit, each branch, the whole
-backbone. ``threshold > 1`` can never be passed, so the branches are skipped (nothing saved,
-the final head's predictions). Limitation: the backbone's layers must pass the batch straight
-through (true of ViTs, Mixers, CNNs); skip connections that jump over an exit would break.
+**Inference with early exits** (each sample leaving at the first confident branch, and the
+compute that saves) is an analysis of a trained model: :mod:`vitlab.analysis.early_exits`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -57,9 +50,8 @@ import torch.nn as nn
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..analysis.anatomy import Anatomy, anatomy, register_anatomy
+from ..anatomy import Anatomy, anatomy, register_anatomy
 from ..errors import VitlabError
 
 # --- blocks -------------------------------------------------------------------------------------
@@ -128,39 +120,6 @@ def _init_linear(module: nn.Module) -> None:
 # --- model class --------------------------------------------------------------------------------
 
 
-@dataclass
-class ExitCosts:
-    """MACs of one image: the backbone up to each exit layer (cumulative), each branch, the whole backbone."""
-
-    backbone_macs: list[int]
-    branch_macs: list[int]
-    full_macs: int
-
-
-@dataclass
-class EarlyExitPrediction:
-    """What :meth:`EarlyExitModel.predict` returns (one entry per sample, in input order)."""
-
-    #: Predicted class and the logits it came from (of the exit the sample left at).
-    predictions: torch.Tensor
-    logits: torch.Tensor
-    #: Exit each sample left at: ``0 .. num_exits - 1`` for branches, ``num_exits`` for the final head.
-    exit_index: torch.Tensor
-    #: MACs spent on each sample (backbone up to its exit plus every branch it passed through).
-    macs: torch.Tensor
-    #: MACs of one full backbone forward pass (no branches), the reference for ``compute_saved``.
-    full_macs: int
-
-    @property
-    def compute_saved(self) -> float:
-        """Fraction of the full backbone's MACs not spent (negative when branch overhead outweighs exits)."""
-        return 1.0 - self.macs.double().sum().item() / (self.full_macs * len(self.macs))
-
-
-class _AllExited(Exception):
-    """Raised inside the backbone's forward once no sample is left running: stops it there."""
-
-
 class EarlyExitModel(nn.Module):
     """A backbone with single-layer-ViT exit branches after chosen layers (see the module docstring)."""
 
@@ -204,7 +163,6 @@ class EarlyExitModel(nn.Module):
                            branch_grid, branch_drop_rate)
             for name in self.exit_names
         )
-        self._costs: ExitCosts | None = None
 
     # -- construction helpers
     def _resolve_img_size(self, inner: Anatomy | None, img_size: Any) -> tuple[int, int]:
@@ -280,7 +238,7 @@ class EarlyExitModel(nn.Module):
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
         for branch in self.branches:
             branch.reset_classifier(num_classes)
-        self.num_classes, self._costs = num_classes, None
+        self.num_classes = num_classes
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -307,16 +265,10 @@ class EarlyExitModel(nn.Module):
         return self
 
     # -- forward passes
-    def _run_backbone(self, x: torch.Tensor, on_exit: Callable[[int, torch.Tensor], torch.Tensor | None] | None):
-        """The backbone's forward with ``on_exit(i, output)`` hooked after exit layer ``i``.
-
-        ``on_exit`` may return a replacement output (fewer samples) or raise :class:`_AllExited`.
-        """
-        handles = []
-        if on_exit is not None:
-            for i, name in enumerate(self.exit_names):
-                hook = (lambda i: lambda module, inputs, output: on_exit(i, output))(i)
-                handles.append(self.backbone.get_submodule(name).register_forward_hook(hook))
+    def _run_backbone(self, x: torch.Tensor, on_exit: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+        """The backbone's forward with ``on_exit(i, output)`` called after exit layer ``i``."""
+        handles = [self.backbone.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, i=i: on_exit(i, output)) for i, name in enumerate(self.exit_names)]
         try:
             return self.backbone(x)
         finally:
@@ -340,90 +292,6 @@ class EarlyExitModel(nn.Module):
         exit_logits, final = self.forward_exits(x)
         return [*exit_logits, final]
 
-    # -- inference with early exits
-    @torch.no_grad()
-    def exit_costs(self) -> ExitCosts:
-        """MACs of one image up to each exit, of each branch and of the whole backbone (measured once)."""
-        if self._costs is not None:
-            return self._costs
-        param = next(self.parameters())
-        x = torch.zeros(1, self.in_chans, *self.img_size, device=param.device, dtype=param.dtype)
-        outputs, at_exit = {}, []
-        was_training = self.training
-        self.eval()
-        try:
-            with _mac_counter() as counter:
-                def note(i: int, output: torch.Tensor) -> None:
-                    at_exit.append(counter.get_total_flops() // 2)
-                    outputs[i] = output
-
-                self._run_backbone(x, note)
-            full = counter.get_total_flops() // 2
-            branch_macs = []
-            for i, branch in enumerate(self.branches):
-                with _mac_counter() as counter:
-                    branch(outputs[i])
-                branch_macs.append(counter.get_total_flops() // 2)
-        finally:
-            self.train(was_training)
-        self._costs = ExitCosts(at_exit, branch_macs, full)
-        return self._costs
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, threshold: float) -> EarlyExitPrediction:
-        """Classify ``x`` leaving each sample at the first exit whose top softmax probability is ``>= threshold``.
-
-        Samples that exit are dropped from the batch, so later layers run only on the rest.
-        """
-        if tuple(x.shape[-2:]) != tuple(self.img_size):
-            raise VitlabError(f"this model takes {self.img_size[0]}x{self.img_size[1]} images, "
-                              f"got {x.shape[-2]}x{x.shape[-1]}")
-        costs = self.exit_costs()
-        n, device = x.shape[0], x.device
-        exit_index = torch.full((n,), self.num_exits, dtype=torch.long, device=device)
-        logits = torch.empty(n, self.num_classes, device=device)
-        running = torch.arange(n, device=device)  # input positions of the samples still in the batch
-
-        def maybe_exit(i: int, output: torch.Tensor) -> torch.Tensor | None:
-            nonlocal running
-            branch_logits = self.branches[i](output)
-            done = branch_logits.softmax(-1).amax(-1) >= threshold
-            if not done.any():
-                return None
-            logits[running[done]] = branch_logits[done].to(logits.dtype)
-            exit_index[running[done]] = i
-            running = running[~done]
-            if running.numel() == 0:
-                raise _AllExited
-            return output[~done]
-
-        # No softmax probability exceeds 1: above it no branch could fire, so none runs.
-        branches_run = threshold <= 1
-        was_training = self.training
-        self.eval()
-        try:
-            final = self._run_backbone(x, maybe_exit if branches_run else None)
-            logits[running] = final.to(logits.dtype)
-        except _AllExited:
-            pass
-        finally:
-            self.train(was_training)
-
-        backbone_macs = torch.tensor([*costs.backbone_macs, costs.full_macs])
-        branch_macs = torch.tensor([*costs.branch_macs, 0] if branches_run else [0] * (self.num_exits + 1))
-        spent = backbone_macs + branch_macs.cumsum(0)  # exits 0..n-1, then the final head
-        return EarlyExitPrediction(logits.argmax(-1), logits, exit_index, spent.to(device)[exit_index],
-                                   costs.full_macs)
-
-
-def _mac_counter() -> FlopCounterMode:
-    # The fused CPU attention kernel has no FLOP formula in PyTorch: count it as q k^T and attn v.
-    custom = {}
-    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_flash is not None:
-        custom[cpu_flash] = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
-    return FlopCounterMode(display=False, custom_mapping=custom)
-
 
 def _default_exits(inner: Anatomy, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Every token block, and the last block of every feature-map stage; never the last block."""
@@ -445,6 +313,8 @@ def _early_exit_anatomy(model: EarlyExitModel) -> Anatomy:
         layers=[replace(layer, name=f"backbone.{layer.name}") for layer in inner.layers],
         attention=[replace(site, name=f"backbone.{site.name}") for site in inner.attention],
         image_size=tuple(model.img_size),  # the branches' position embeddings fix it even for CNNs
+        stem=(lambda m, x: inner.stem(m.backbone, x)) if inner.stem else None,
+        head=(lambda m, x: inner.head(m.backbone, x)) if inner.head else None,
     )
 
 

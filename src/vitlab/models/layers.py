@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+
+from ..errors import VitlabError
 
 
 class ChannelPadShortcut(nn.Module):
@@ -47,3 +52,22 @@ def freeze_sincos_pos_embed_(model: nn.Module) -> None:
         model.pos_embed.zero_()
         model.pos_embed[0, -table.shape[0]:] = table
     model.pos_embed.requires_grad_(False)
+
+
+def remove_last_attention_skip(model: nn.Module) -> None:
+    """Peruzzo et al.'s variant: the last block computes ``y = attn(norm1(x)); y + mlp(y)``.
+
+    Only for models made of timm ``Block``s (``model.blocks``), such as vitlab's ViTs.
+    """
+    blocks = getattr(model, "blocks", None)
+    last = blocks[-1] if isinstance(blocks, nn.Sequential) and len(blocks) else None
+    if not isinstance(last, Block):
+        raise VitlabError(f"removing the last attention skip connection needs timm transformer blocks "
+                          f"(model.blocks), which {type(model).__name__} does not have; use a vitlab ViT")
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        y = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return y + self.drop_path2(self.ls2(self.mlp(y)))
+
+    last.norm2 = nn.Identity()
+    last.forward = types.MethodType(forward, last)

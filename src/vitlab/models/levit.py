@@ -24,7 +24,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.levit import Attention as LevitAttention
 from timm.models.levit import ConvNorm, Levit, create_levit
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
 
 # --- blocks -------------------------------------------------------------------------------------
 

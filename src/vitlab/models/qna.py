@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
 
 __all__ = ["QnALayer", "LocalSelfAttention", "QnABlock", "QnAStage", "QnAViT", "qna_attention_probs"]
 

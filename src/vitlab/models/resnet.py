@@ -19,7 +19,7 @@ from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 
-from ..analysis.anatomy import register_anatomy, resnet_anatomy
+from ..anatomy import register_anatomy, resnet_anatomy
 from .layers import ChannelPadShortcut
 
 # --- model classes ------------------------------------------------------------------------------

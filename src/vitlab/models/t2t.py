@@ -39,7 +39,7 @@ from timm.layers import Mlp, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from ..analysis.anatomy import Anatomy, AttentionSite, Layer, register_anatomy, vit_block_residuals
+from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy, vit_block_residuals
 
 __all__ = ["T2TViT", "TokensToToken", "TokenPerformer", "TokenTransformer", "sinusoid_position_table"]
 

@@ -19,7 +19,7 @@ from ..analysis.results import to_jsonable
 from ..analysis.subjects import Subject
 from ..analysis.suite import AnalysisResults
 from ..analysis.supervision import compare_supervision
-from ..train.rundir import atomic_write_bytes
+from ..io import atomic_write_bytes
 from .figures import data_uri, figure_png
 
 CAPTIONS = {

@@ -1,7 +1,11 @@
-"""Training: configuration, the loop, and the run directory."""
+"""Training: the loop and the objectives it drives.
 
-from .config import DataConfig, TrainConfig, dump_config, load_config
-from .rundir import load_weights, read_config, read_metrics
+The config and the run directory live one layer below (:mod:`vitlab.config`, :mod:`vitlab.runs`);
+they are re-exported here because a training script needs them together.
+"""
+
+from ..config import DataConfig, TrainConfig, dump_config, load_config
+from ..runs import load_weights, read_config, read_metrics
 from .trainer import TrainResult, evaluate, train
 
 __all__ = ["DataConfig", "TrainConfig", "TrainResult", "dump_config", "evaluate", "load_config",

@@ -28,10 +28,9 @@ from typing import ClassVar, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..analysis.probes import knn_predict
 from ..errors import VitlabError
+from ..knn import knn_accuracy
 
 #: The objectives ``TrainConfig.objective`` accepts besides ``supervised``.
 PRETRAINING_OBJECTIVES = ("mp3", "mae", "dino")
@@ -116,18 +115,6 @@ def feature_dim(model: nn.Module) -> int:
         raise VitlabError(f"{type(model).__name__} does not say the width of its pooled features "
                           "(head_hidden_size or num_features): self-supervised heads need it")
     return dim
-
-
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted cosine k-NN accuracy (Wu et al. 2018, as DINO and Walmer et al. use it): every query's
-    ``k`` most similar bank features vote for their labels with weight ``exp(similarity / temperature)``."""
-    if not len(bank) or not len(queries):
-        return float("nan")
-    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
-    classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    predicted = knn_predict(queries, bank, bank_labels, classes, k, temperature)
-    return (predicted == query_labels).float().mean().item()
 
 
 def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[float, float, float],

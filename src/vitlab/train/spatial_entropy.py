@@ -15,20 +15,20 @@ gradient flows through the softmax. Models without a class token (CCT's sequence
 ViTs) use the mean over all query rows of the logits instead of the class token's row.
 
 The paper's variant without the last block's attention skip connection (and its second norm) is
-:func:`remove_last_attention_skip`.
+:func:`vitlab.models.layers.remove_last_attention_skip` (an architecture change, so it lives with
+the models and the run's model builder applies it).
 """
 
 from __future__ import annotations
 
 import math
-import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 from scipy import ndimage
 
-from ..analysis.anatomy import AttentionSite, anatomy
+from ..anatomy import AttentionSite, anatomy
 from ..errors import VitlabError
 
 #: 8-connectivity: diagonal neighbours belong to the same component.
@@ -115,24 +115,3 @@ class SpatialEntropyProbe:
             raise RuntimeError("no forward pass since the last loss()")
         logits, self._logits = self._logits, None
         return spatial_entropy(logits, self.site.grid)
-
-
-def remove_last_attention_skip(model: nn.Module) -> None:
-    """The paper's variant: the last block computes ``y = attn(norm1(x)); y + mlp(y)``.
-
-    Only for models made of timm ``Block``s (``model.blocks``), such as vitlab's ViTs.
-    """
-    from timm.models.vision_transformer import Block
-
-    blocks = getattr(model, "blocks", None)
-    last = blocks[-1] if isinstance(blocks, nn.Sequential) and len(blocks) else None
-    if not isinstance(last, Block):
-        raise VitlabError(f"removing the last attention skip connection needs timm transformer blocks "
-                          f"(model.blocks), which {type(model).__name__} does not have; use a vitlab ViT")
-
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        y = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return y + self.drop_path2(self.ls2(self.mlp(y)))
-
-    last.norm2 = nn.Identity()
-    last.forward = types.MethodType(forward, last)

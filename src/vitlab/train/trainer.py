@@ -25,12 +25,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import get_pretrained_cfg
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -41,16 +39,16 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..config import TrainConfig
 from ..data import DatasetInfo, build_dataset
 from ..data.sampling import SeededBatches, SeededDataset, mix_seed, seed_all
-from ..errors import UnknownOptionError, VitlabError
-from ..models import count_parameters, create_model
+from ..errors import VitlabError
+from ..models import count_parameters
+from ..runs import build_model, default_run_dir, model_args_for, rundir
 from ..weights import load_weights_file
-from . import accel, rundir
-from .config import TrainConfig
-from .conv_init import apply_conv_init
+from . import accel
 from .objectives import build_objective
-from .spatial_entropy import SpatialEntropyProbe, entropy_weight, remove_last_attention_skip
+from .spatial_entropy import SpatialEntropyProbe, entropy_weight
 from .transfer import freeze_for, prepare_transfer
 
 
@@ -71,47 +69,6 @@ class TrainResult:
     @property
     def train_time_s(self) -> float:
         return self.metrics[-1]["time_s"] if self.metrics else 0.0
-
-
-def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
-    """``runs/<model>-<data>-<timestamp>``."""
-    data = cfg.data.name.replace("imagefolder:", "folder-").rstrip("/").replace("/", "_").replace(":", "_")
-    return Path(root) / f"{cfg.model}-{data}-{rundir.timestamp()}"
-
-
-#: The config fields, besides ``model_args``, that :func:`build_model` reads: what a fine-tuned run
-#: takes from its source to rebuild the same network (conv init adds the bias tables; without the last
-#: attention skip the head sees other features).
-ARCHITECTURE_FIELDS = ("model", "conv_init", "conv_init_strength", "last_attention_skip")
-
-
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The run's model, as ``cfg`` describes it (architecture changes of training options included)."""
-    try:
-        model = create_model(cfg.model, **cfg.model_args)
-    except UnknownOptionError as e:
-        if cfg.progressive_resize and e.option == "dynamic_img_size":
-            raise VitlabError(f"--progressive-resize trains on smaller images and {cfg.model} takes only the size it "
-                              "was built for; use a model that takes any size (CCT, vit_*, a CNN) or leave it off") from None
-        raise
-    if cfg.conv_init:  # new parameters (the bias tables): saved weights load back into this model
-        apply_conv_init(model, cfg.conv_init, cfg.conv_init_strength, cfg.model)
-    if not cfg.last_attention_skip:
-        remove_last_attention_skip(model)
-    return model
-
-
-def model_args_for(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
-    """The keyword arguments that build the run's model: classes and image size from the data."""
-    args: dict[str, Any] = {"num_classes": info.num_classes}
-    pretrained_cfg = get_pretrained_cfg(cfg.model)
-    if pretrained_cfg is None or pretrained_cfg.fixed_input_size:
-        args["img_size"] = info.image_size  # ViTs and Mixers size their token grid from it
-        if cfg.progressive_resize:
-            args["dynamic_img_size"] = True  # smaller stages: the position embedding resampled to their grid
-    if cfg.drop_path > 0:
-        args["drop_path_rate"] = cfg.drop_path
-    return {**args, **cfg.model_args}  # explicit model_args win
 
 
 @dataclass

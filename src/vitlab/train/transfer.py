@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..analysis.anatomy import anatomy
+from ..anatomy import anatomy
 from ..errors import VitlabError
 from ..weights import load_weights_file
 

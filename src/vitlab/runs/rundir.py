@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import warnings
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import TrainConfig, dump_config, load_config
 from ..errors import VitlabError
-from .config import TrainConfig, dump_config, load_config
+from ..io import atomic_replace, atomic_write_bytes
 
 CONFIG, WEIGHTS, METRICS = "config.yaml", "model.safetensors", "metrics.csv"
 #: Checkpoints are ``state-<global step>.pt``; ``state.pt`` is what runs of vitlab 0.1 wrote.
@@ -35,36 +34,6 @@ STATE_PATTERN, LEGACY_STATE = "state-*.pt", "state.pt"
 INIT_WEIGHTS = "init.safetensors"
 #: The moving average of the weights, for runs with ``ema_decay`` (evaluated as ``val_acc_ema``).
 EMA_WEIGHTS = "model_ema.safetensors"
-
-
-def timestamp() -> str:
-    """The time, as default run and report directories are named (``20261202-024315``)."""
-    return f"{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:  # makes the rename itself durable; not possible on every platform
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -94,14 +63,10 @@ def read_config(run_dir: Path) -> TrainConfig:
 
 
 def save_weights(run_dir: Path, model: nn.Module, name: str = WEIGHTS) -> None:
+    """Write ``model``'s state dict to ``run_dir/name`` as safetensors, atomically."""
     # safetensors refuses tensors that share memory; clone() gives each its own storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = Path(run_dir) / f".{name}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(run_dir) / name)
-    _fsync_dir(Path(run_dir))
+    atomic_replace(Path(run_dir) / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def load_weights(run_dir: Path, model: nn.Module, name: str = WEIGHTS) -> None:

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import VitlabError
 from .anatomy import AttentionSite
+from .errors import VitlabError
 
 Reducer = Callable[[str, torch.Tensor], None]
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, RelPosBias
 from timm.layers.attention import resolve_self_attn_mask
 
-from ..analysis.anatomy import anatomy
+from ..anatomy import anatomy
 from ..errors import VitlabError
 
 __all__ = ["RelPosAttention", "apply_conv_init", "kernel_offsets", "DEFAULT_STRENGTH"]

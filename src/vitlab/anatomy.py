@@ -8,7 +8,7 @@ Family knowledge lives in one function per family, registered for the family's m
 :func:`register_anatomy`: timm's families (``VisionTransformer``, ``MlpMixer``, ``ResNet``) below,
 vitlab's own next to their model code.
 
-Attention convention (what :mod:`vitlab.analysis.capture` relies on): an attention module has a
+Attention convention (what :mod:`vitlab.capture` relies on): an attention module has a
 ``fused_attn`` flag and, when it is off, passes its softmax probabilities of shape
 (batch, heads, tokens, tokens) through a submodule ``attn_drop``, as timm's ``Attention`` does.
 A module that never forms them (LeViT's) gets a ``recompute`` function in its
@@ -26,7 +26,7 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
-from ..errors import VitlabError
+from .errors import VitlabError
 
 
 @dataclass
@@ -106,6 +106,12 @@ class Anatomy:
     #: ``(label, module path)`` of every MLP's hidden activation (GELU of fc1), output (B, T, hidden),
     #: for feature visualisation.
     mlp_activations: list[tuple[str, str]] = field(default_factory=list)
+    #: For models whose layers form a chain (each layer's input is the previous layer's output), how
+    #: to run them layer by layer: ``stem(model, images)`` is the output of ``layers[0]`` and
+    #: ``head(model, last)`` the logits from the output of ``layers[-1]``. ``None``: not described.
+    #: Early-exit inference uses them to stop a batch once every image has left it.
+    stem: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -195,6 +201,8 @@ def _vit(model: nn.Module) -> Anatomy:
         residuals=[site for i in range(len(model.blocks))
                    for site in vit_block_residuals(f"blocks.{i}", f"block{i + 1}", model.num_prefix_tokens)],
         mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))],
+        stem=lambda m, x: m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))),
+        head=lambda m, x: m.forward_head(m.norm(x)),
     )
 
 
@@ -216,6 +224,8 @@ def _mixer(model: nn.Module) -> Anatomy:
             ResidualSite(f"block{i + 1}.channel_mixing", "channel_mixing", (f"blocks.{i}.norm2", "input"),
                          f"blocks.{i}.mlp_channels", "tokens"))],
         mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp_channels.act") for i in range(len(model.blocks))],
+        stem=lambda m, x: m.stem(x),
+        head=lambda m, x: m.forward_head(m.norm(x)),
     )
 
 
@@ -232,4 +242,10 @@ def resnet_anatomy(model: nn.Module) -> Anatomy:
             layers.append(Layer(f"layer{stage}.{i}", f"{stage}.{i + 1}"))
             residuals.append(resnet_block_residual(f"layer{stage}.{i}", f"{stage}.{i + 1}", block))
         stage += 1
-    return Anatomy(family="resnet", layers=layers, residuals=residuals)
+    return Anatomy(family="resnet", layers=layers, residuals=residuals, stem=_resnet_stem,
+                   head=lambda m, x: m.forward_head(x))
+
+
+def _resnet_stem(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    x = model.act1(model.bn1(model.conv1(images)))
+    return model.maxpool(x) if hasattr(model, "maxpool") else x

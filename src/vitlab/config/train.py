@@ -95,7 +95,7 @@ class TrainConfig:
     spatial_entropy_warmup: float = 10.0
     #: False: the paper's variant without the last block's attention skip connection (timm blocks).
     last_attention_skip: bool = True
-    #: Convolutional initialisation of attention (:mod:`vitlab.train.conv_init`): every timm
+    #: Convolutional initialisation of attention (:mod:`vitlab.models.conv_init`): every timm
     #: attention gets a learnable relative position bias that starts with head h attending to one
     #: offset of a ``conv_init`` x ``conv_init`` kernel (odd; 0: off); ``conv_init_strength`` is
     #: the bias at that offset (5: about 97% of a patch's attention there at initialisation).

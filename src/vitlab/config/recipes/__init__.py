@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import unknown_name_error
-from ..config import TrainConfig, load_config
+from ..train import TrainConfig, load_config
 
 RECIPE_DIR = Path(__file__).parent
 
