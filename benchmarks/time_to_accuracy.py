@@ -66,7 +66,7 @@ class Run:
         for key, value in self.overrides.items():
             if key == "model_args":
                 for name, arg in value.items():
-                    parts += ["--model-arg", f"{name}={arg}"]
+                    parts += ["--model-args", f"{name}={arg}"]
             else:
                 parts += [flags[key], str(value)]
         return " ".join(shlex.quote(p) for p in parts + ["--out", str(out)])
@@ -124,7 +124,7 @@ RUNS = {
        for suffix, args in {"": {}, "-bn": {"tokenizer_batchnorm": True}, "-heads4": {"num_heads": 4},
                             "-chans96": {"tokenizer_chans": 96},
                             "-bn-chans96": {"tokenizer_batchnorm": True, "tokenizer_chans": 96}}.items()},
-    # cct-resize with a BatchNorm after each tokenizer convolution (--model-arg tokenizer_batchnorm=true,
+    # cct-resize with a BatchNorm after each tokenizer convolution (--model-args tokenizer_batchnorm=true,
     # 384 more parameters), the proxies' clear winner. Measured 2026-12-04 (~1,080 img/s at 24x24, ~670 at
     # 32x32): 83.76% (84.44% with flip TTA) in 24.8 min, against cct-resize's 82.60% in 27.0 min.
     "cct-resize-bn": Run("cct", dict(CCT_SHORT, epochs=28, progressive_resize="24:16",

@@ -14,7 +14,7 @@ def tiny(**overrides) -> TrainConfig:
     values = dict(model="vit_nano_patch4_32", epochs=1, batch_size=16, model_args={"depth": 1},
                   data=DataConfig(num_train=32, num_val=16))
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(dict(**values))
 
 
 def final_weights(run):

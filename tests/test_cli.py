@@ -124,7 +124,7 @@ def test_train_from_a_recipe_file_with_command_line_overrides(tmp_path, cli):
     assert code == 0, err
     saved = yaml.safe_load((out_dir / "config.yaml").read_text())
     assert saved["model"] == "resnet20_cifar" and saved["epochs"] == 1 and saved["batch_size"] == 16
-    assert saved["lr"] == 0.002  # the command line wins over the recipe
+    assert saved["optim"]["lr"] == 0.002  # the command line wins over the recipe
     assert saved["data"]["num_train"] == 32
 
 

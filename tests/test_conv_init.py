@@ -116,7 +116,7 @@ def test_bias_tables_learn_without_weight_decay_and_combine_with_spatial_entropy
 def small_config(**overrides):
     values = dict(model="vit_nano_patch4_32", model_args={"depth": 2}, epochs=1, batch_size=32, warmup_epochs=0.5,
                   conv_init=3, data=DataConfig(num_train=64, num_val=32))
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig.from_dict(dict(**{**values, **overrides}))
 
 
 def test_a_run_saves_the_trained_tables_and_loads_them_back(tmp_path, images):

@@ -18,7 +18,7 @@ def config(**overrides) -> TrainConfig:
     values = dict(model=MODEL, epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.2,
                   data=DataConfig(num_train=256, num_val=64))
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(dict(**values))
 
 
 @pytest.fixture(scope="module")

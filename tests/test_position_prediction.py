@@ -44,12 +44,12 @@ def test_only_vits_can_predict_positions():
 
 def test_pretrain_learns_positions_and_fine_tunes(tmp_path):
     common = ["--num-train", "1024", "--num-val", "256", "--batch-size", "64"]
-    done = subprocess.run([sys.executable, "-m", "vitlab", "pretrain", "--method", "mp3", "--model",
+    done = subprocess.run([sys.executable, "-m", "vitlab", "pretrain", "--objective", "mp3", "--model",
                            "vit_nano_patch8_sincos_32", "--epochs", "8", "--lr", "1e-3", "--warmup-epochs", "0.5",
                            *common, "--out", str(tmp_path / "mp3")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = read_config(tmp_path / "mp3")
-    assert cfg.objective == "mp3" and cfg.mp3_keep == 0.25
+    assert cfg.objective == "mp3" and cfg.mp3.keep == 0.25
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "mp3" / "metrics.csv")))
@@ -61,9 +61,9 @@ def test_pretrain_learns_positions_and_fine_tunes(tmp_path):
 
 
 def test_mp3_with_mixup_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "vitlab", "pretrain", "--method", "mp3", "--mixup", "0.8",
+    done = subprocess.run([sys.executable, "-m", "vitlab", "pretrain", "--objective", "mp3", "--mixup", "0.8",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
-    assert done.returncode == 2 and "turn them off for --method mp3" in done.stderr
+    assert done.returncode == 2 and "turn them off for --objective mp3" in done.stderr
 
 
 @pytest.mark.parametrize("bare_head_format", [False, True])
@@ -74,8 +74,8 @@ def test_pretraining_resumes_exactly(tmp_path, bare_head_format):
 
     from vitlab.train import DataConfig, TrainConfig, train
 
-    cfg = TrainConfig(model="vit_nano_patch8_sincos_32", objective="mp3", epochs=2, batch_size=16,
-                      checkpoint_every=1, model_args={"depth": 2}, data=DataConfig(num_train=48, num_val=16))
+    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="mp3", epochs=2, batch_size=16,
+                      checkpoint_every=1, model_args={"depth": 2}, data=DataConfig(num_train=48, num_val=16)))
     train(cfg, tmp_path / "full", progress=False)
     train(cfg, tmp_path / "cut", progress=False, stop_after_step=4)  # mid-epoch 2: the position head is restored too
     if bare_head_format:

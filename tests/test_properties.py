@@ -18,11 +18,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vitlab import VitlabError
-from vitlab.config import DataConfig, TrainConfig, dump_config, load_config
+from vitlab.config import Accel, Checkpoints, DataConfig, Optim, TrainConfig, dump_config, load_config
 from vitlab.data import ShapesConfig, build_transform, render_shapes
 from vitlab.data.sampling import SeededBatches, SeededDataset
 from vitlab.data.shapes import TEXTURE_MODES
 from vitlab.models import list_models
+from vitlab.options import valid_keys
 
 # conftest flushes denormals to zero (as the vitlab command does), so hypothesis must not draw them.
 floats = functools.partial(st.floats, allow_subnormal=False)
@@ -199,23 +200,16 @@ train_configs = st.builds(
     data=data_configs,
     epochs=st.integers(1, 10**4),
     batch_size=st.integers(1, 4096),
-    lr=positive,
-    min_lr=non_negative,
-    weight_decay=non_negative,
-    warmup_epochs=non_negative,
-    warmup_lr=non_negative,
+    optim=st.builds(Optim, lr=positive, min_lr=non_negative, weight_decay=non_negative, warmup_epochs=non_negative,
+                    warmup_lr=non_negative, grad_clip=st.one_of(st.none(), positive)),
     label_smoothing=floats(0.0, 1.0, exclude_max=True),
     drop_path=floats(0.0, 0.9),
-    grad_clip=st.one_of(st.none(), positive),
     init_weights=st.one_of(st.none(), TEXT),
     seed=st.integers(-(2**63), 2**63 - 1),
     eval_batch_size=st.integers(1, 4096),
-    checkpoint_every=st.integers(0, 10**6),
-    keep_checkpoints=st.integers(1, 100),
-    precision=st.sampled_from(["fp32", "bf16", "auto"]),
-    compile=st.booleans(),
-    channels_last=st.sampled_from(["auto", "on", "off"]),
-    device=st.sampled_from(["auto", "cpu", "cuda"]),
+    checkpoint=st.builds(Checkpoints, every=st.integers(0, 10**6), keep=st.integers(1, 100)),
+    accel=st.builds(Accel, precision=st.sampled_from(["fp32", "bf16", "auto"]), compile=st.booleans(),
+                    channels_last=st.sampled_from(["auto", "on", "off"]), device=st.sampled_from(["auto", "cpu", "cuda"])),
 )
 
 
@@ -234,7 +228,7 @@ def test_any_valid_config_round_trips_through_yaml(tmp_path_factory, cfg):
     assert TrainConfig.from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+TRAIN_FIELDS = set(valid_keys(TrainConfig))  # field names and every nested option's key
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
 
 

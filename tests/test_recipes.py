@@ -17,7 +17,7 @@ def tiny(**overrides) -> TrainConfig:
     values = dict(model="vit_nano_patch4_32", epochs=2, batch_size=16, warmup_epochs=0.5, checkpoint_every=1,
                   model_args={"depth": 2}, data=DataConfig(num_train=64, num_val=32))
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(dict(**values))
 
 
 def weights(run, name="model.safetensors"):
@@ -38,7 +38,7 @@ def test_every_family_has_a_recipe_that_builds():
 
 def test_the_cct_recipe_is_the_papers():
     cfg = load_recipe("cct")
-    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.warmup_epochs) == (5.5e-4, 0.06, 128, 300, 10)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.batch_size, cfg.epochs, cfg.optim.warmup_epochs) == (5.5e-4, 0.06, 128, 300, 10)
     assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.drop_path) == (0.8, 1.0, 0.1, 0.1)
     assert (cfg.data.randaugment, cfg.data.augment, cfg.data.crop_scale) == ("rand-m9-mstd0.5", "resized-crop-flip", 0.8)
     assert cfg.ema_decay > 0
@@ -55,7 +55,7 @@ def test_cli_recipe_run_records_every_value(tmp_path, cli):
     assert code == 0, err[-2000:]
     cfg = read_config(tmp_path / "run")
     assert cfg.recipe == "cct" and cfg.model == "cct_2_3x2_32" and cfg.epochs == 1  # the command line wins
-    assert (cfg.mixup, cfg.cutmix, cfg.lr, cfg.data.randaugment) == (0.8, 1.0, 5.5e-4, "rand-m9-mstd0.5")
+    assert (cfg.mixup, cfg.cutmix, cfg.optim.lr, cfg.data.randaugment) == (0.8, 1.0, 5.5e-4, "rand-m9-mstd0.5")
     assert (tmp_path / "run" / "model_ema.safetensors").exists()
     code, listing, _ = cli("recipes")
     assert code == 0 and all(name in listing for name in FAMILIES) and "cct_7_3x1_32" in listing
@@ -65,13 +65,13 @@ def test_model_arg_adds_a_constructor_keyword_to_the_recipes(tmp_path, cli):
     assert tiny().merged({"model_args": {"mlp_ratio": 2.0}}).model_args == {"depth": 2, "mlp_ratio": 2.0}
     command = ["train", "--model", "cct_2_3x2_32", "--epochs", "1", "--batch-size", "16", "--num-train", "32",
                "--num-val", "16", "--precision", "fp32", "--out", tmp_path / "run"]
-    code, _, err = cli(*command, "--model-arg", "attn_drop_rate=0")
+    code, _, err = cli(*command, "--model-args", "attn_drop_rate=0")
     assert code == 0, err[-2000:]
     cfg = read_config(tmp_path / "run")
     assert cfg.model_args["attn_drop_rate"] == 0
     assert build_model(cfg).blocks[0].attn.attn_drop.p == 0  # the CCT default is 0.1
     for arg, message in (("attn_drop_rate", "is not KEY=VALUE"), ("colour=red", "does not take the option 'colour'")):
-        code, _, err = cli(*command, "--overwrite", "--model-arg", arg)
+        code, _, err = cli(*command, "--overwrite", "--model-args", arg)
         assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
 
 

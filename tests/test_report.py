@@ -31,14 +31,15 @@ def loader():
 def test_suite_gives_every_pair_and_notes(subjects, loader):
     out = run_analyses(subjects, loader, progress=False)
     vit, cnn = (s.name for s in subjects)
-    assert set(out.cka) == {f"{vit} vs {vit}", f"{vit} vs {cnn}", f"{cnn} vs {cnn}"}
-    self_vit = out.cka[f"{vit} vs {vit}"].matrix
+    cka, distance = out.results["cka"], out.results["attention_distance"]
+    assert set(cka) == {f"{vit} vs {vit}", f"{vit} vs {cnn}", f"{cnn} vs {cnn}"}
+    self_vit = cka[f"{vit} vs {vit}"].matrix
     np.testing.assert_allclose(np.diag(self_vit), 1.0, atol=1e-12)
     np.testing.assert_allclose(self_vit, self_vit.T, atol=1e-12)
-    cross = out.cka[f"{vit} vs {cnn}"]
+    cross = cka[f"{vit} vs {cnn}"]
     assert cross.matrix.shape == (4, 10) and cross.layers_a[0] == "embed" and cross.layers_b[0] == "stem"
-    assert list(out.attention_distance) == [vit]
-    assert out.attention_distance[vit].distances.shape == (3, 4)
+    assert list(distance) == [vit]
+    assert distance[vit].distances.shape == (3, 4)
     assert any(cnn in note and "no attention" in note for note in out.notes)
     assert out.num_images == 48
 
@@ -54,8 +55,8 @@ def test_suite_cross_cka_equals_a_separate_two_model_accumulator(subjects, loade
             a.model(a.prepare(images))
             b.model(b.prepare(images))
             acc.end_batch()
-    np.testing.assert_allclose(out.cka[f"{a.name} vs {b.name}"].matrix, acc.compute().numpy(), atol=1e-10)
-    assert out.attention_distance == {}
+    np.testing.assert_allclose(out.results["cka"][f"{a.name} vs {b.name}"].matrix, acc.compute().numpy(), atol=1e-10)
+    assert out.results.get("attention_distance", {}) == {}
 
 
 def test_subject_prepare_resizes_and_normalises():
@@ -80,7 +81,7 @@ def test_report_files(subjects, loader, tmp_path):
     assert html.count("<figcaption>") == 3
     assert "no attention" in html
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["cka"]) == set(out.cka)
+    assert set(results["cka"]) == set(out.results["cka"])
     entry = results["cka"][f"{subjects[0].name} vs {subjects[1].name}"]
     assert np.array(entry["matrix"]).shape == (4, 10) and entry["layers_b"][0] == "stem"
     assert results["models"][0]["params"] == subjects[0].params
@@ -88,13 +89,13 @@ def test_report_files(subjects, loader, tmp_path):
 
 
 def test_every_analysis_runs_and_reaches_the_report(subjects, tmp_path):
-    from vitlab.analysis.suite import ANALYSES, AnalysisOptions
-    from vitlab.report.html import SECTIONS
+    from vitlab.analysis.catalog import ANALYSES, BY_NAME
+    from vitlab.analysis.suite import analysis_options
 
     g = torch.Generator().manual_seed(1)
     labelled = DataLoader(TensorDataset(torch.rand(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
                           batch_size=16)
-    options = AnalysisOptions(probe_images=32, robustness_images=16, erf_images=16, featvis_steps=3, featvis_layers=1,
+    options = analysis_options(probe_images=32, robustness_images=16, erf_images=16, featvis_steps=3, featvis_layers=1,
                               featvis_units=2, shuffle_grids=(1, 4))
     out = run_analyses(subjects, labelled, ANALYSES, progress=False, options=options, train_loader=lambda: labelled)
     vit, cnn = (s.name for s in subjects)
@@ -114,8 +115,10 @@ def test_every_analysis_runs_and_reaches_the_report(subjects, tmp_path):
     report = write_report(tmp_path, subjects, out, ReportMeta(title="all analyses", data="random"))
     html = report.read_text()
     for name in out.results:
-        assert f"<h2>{SECTIONS[name]}</h2>" in html
-    assert html.count("<figure>") == 3 + len(out.results)  # CKA within, across, attention distance, then one each
+        title = (BY_NAME[name].figures[0].title or BY_NAME[name].title).format(key=vit)
+        assert f"<h2>{title}</h2>" in html
+    # CKA within, across, attention distance, then one each
+    assert html.count("<figure>") == 3 + len(set(out.results) - {"cka", "attention_distance"})
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(out.results) <= set(results)
     assert results["probes"][vit]["best"]["knn"]["layer"] in results["probes"][vit]["layers"]

@@ -23,7 +23,7 @@ def config(**overrides) -> TrainConfig:
                   model_args={"depth": 2, "drop_rate": 0.1}, checkpoint_every=1,
                   data=DataConfig(num_train=80, num_val=32, randaugment="rand-m9-mstd0.5"))
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(dict(**values))
 
 
 def same_weights(a, b) -> bool:

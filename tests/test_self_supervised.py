@@ -6,6 +6,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -91,8 +92,8 @@ def test_mae_lowers_the_reconstruction_loss(tmp_path):
     from vitlab.data import build_dataset
     from vitlab.runs import build_model
 
-    cfg = TrainConfig(model="vit_nano_patch8_sincos_32", objective="mae", epochs=2, batch_size=32, lr=2e-3,
-                      warmup_epochs=0.2, model_args={"depth": 2}, data=DataConfig(num_train=384, num_val=64))
+    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="mae", epochs=2, batch_size=32, lr=2e-3,
+                      warmup_epochs=0.2, model_args={"depth": 2}, data=DataConfig(num_train=384, num_val=64)))
     result = train(cfg, tmp_path / "mae", progress=False)
     val, _ = build_dataset(result.config.data, "val", seed=cfg.seed)
     torch.manual_seed(0)
@@ -165,8 +166,8 @@ def test_dino_temperature_warms_up():
 
 
 def test_dino_resumes_exactly(tmp_path):
-    cfg = TrainConfig(model="vit_nano_patch8_sincos_32", objective="dino", epochs=2, batch_size=16, checkpoint_every=1,
-                      drop_path=0.1, model_args={"depth": 2}, data=DataConfig(num_train=48, num_val=16))
+    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="dino", epochs=2, batch_size=16, checkpoint_every=1,
+                      drop_path=0.1, model_args={"depth": 2}, data=DataConfig(num_train=48, num_val=16)))
     train(cfg, tmp_path / "full", progress=False)
     train(cfg, tmp_path / "cut", progress=False, stop_after_step=4)  # mid-epoch 2 (3 steps an epoch)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
@@ -188,12 +189,12 @@ def test_knn_accuracy_votes_by_similarity():
 
 def test_pretrain_mae_on_shapes_then_finetune(tmp_path, capsys):
     run = tmp_path / "mae"
-    assert main(["pretrain", "--method", "mae", "--model", "vit_nano_patch8_sincos_32", "--mae-mask-ratio", "0.5",
+    assert main(["pretrain", "--objective", "mae", "--model", "vit_nano_patch8_sincos_32", "--mae-mask-ratio", "0.5",
                  *TINY, "--out", str(run)]) == 0
     assert "k-NN accuracy" in capsys.readouterr().out
     cfg = read_config(run)
-    assert (cfg.objective, cfg.mae_mask_ratio, cfg.mae_decoder_dim) == ("mae", 0.5, 128)
-    assert "mae_decoder_depth: 2" in (run / "config.yaml").read_text()
+    assert (cfg.objective, cfg.mae.mask_ratio, cfg.mae.decoder_dim) == ("mae", 0.5, 128)
+    assert yaml.safe_load((run / "config.yaml").read_text())["mae"]["decoder_depth"] == 2
     assert main(["finetune", str(run), *TINY, "--out", str(tmp_path / "ft")]) == 0
     assert read_config(tmp_path / "ft").objective == "supervised"
     tuned = load_file(str(tmp_path / "ft" / "model.safetensors"))
@@ -202,26 +203,26 @@ def test_pretrain_mae_on_shapes_then_finetune(tmp_path, capsys):
 
 def test_pretrain_dino_on_an_image_folder(tmp_path, folder):
     run = tmp_path / "dino"
-    assert main(["pretrain", "--method", "dino", "--model", "resnet20_cifar", "--data", f"imagefolder:{folder}",
+    assert main(["pretrain", "--objective", "dino", "--model", "resnet20_cifar", "--data", f"imagefolder:{folder}",
                  "--dino-prototypes", "256", "--epochs", "1", "--batch-size", "16", "--out", str(run)]) == 0
     cfg = read_config(run)
-    assert (cfg.objective, cfg.dino_prototypes, cfg.dino_teacher_temp) == ("dino", 256, 0.04)
+    assert (cfg.objective, cfg.dino.prototypes, cfg.dino.teacher_temp) == ("dino", 256, 0.04)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert float(rows[-1]["val_loss"]) > 0 and 0 <= float(rows[-1]["val_acc"]) <= 1
 
 
 def test_pretrain_mae_on_an_image_folder(tmp_path, folder):
-    assert main(["pretrain", "--method", "mae", "--model", "vit_nano_patch8_sincos_32", "--data",
+    assert main(["pretrain", "--objective", "mae", "--model", "vit_nano_patch8_sincos_32", "--data",
                  f"imagefolder:{folder}", "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "m")]) == 0
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "mae", "--model", "resnet20_cifar"], "MAE needs a ViT"),
-    (["--method", "dino", "--mixup", "0.8"], "turn them off for --method dino"),
-    (["--method", "mae", "--dino-prototypes", "64"], "--dino-prototypes is an option of --method dino"),
-    (["--method", "mae", "--mae-mask-ratio", "1"], "mae_mask_ratio"),
-    (["--method", "dino", "--dino-teacher-temp", "0"], "dino_student_temp and dino_teacher_temp must be positive"),
-    (["--method", "mp3", "--eval-flip"], "--eval-flip averages a classifier's logits"),
+    (["--objective", "mae", "--model", "resnet20_cifar"], "MAE needs a ViT"),
+    (["--objective", "dino", "--mixup", "0.8"], "turn them off for --objective dino"),
+    (["--objective", "mae", "--dino-prototypes", "64"], "--dino-prototypes is an option of --objective dino"),
+    (["--objective", "mae", "--mae-mask-ratio", "1"], "mae_mask_ratio"),
+    (["--objective", "dino", "--dino-teacher-temp", "0"], "dino_teacher_temp must be positive"),
+    (["--objective", "mp3", "--eval-flip"], "--eval-flip averages a classifier's logits"),
 ])
 def test_bad_pretraining_options_are_one_line(tmp_path, capsys, argv, message):
     assert main(["pretrain", *argv, *TINY, "--out", str(tmp_path / "x")]) == 2

@@ -96,11 +96,11 @@ def test_descending_the_regulariser_makes_attention_compact():
 def test_training_with_the_regulariser(tmp_path):
     base = dict(model="vit_nano_patch4_32", epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0.5,
                 model_args={"depth": 2}, spatial_entropy_warmup=0.5, data=DataConfig(num_train=64, num_val=32))
-    plain = train(TrainConfig(**base), tmp_path / "plain", progress=False)
-    regularised = train(TrainConfig(**base, spatial_entropy=0.01), tmp_path / "se", progress=False)
+    plain = train(TrainConfig.from_dict(dict(**base)), tmp_path / "plain", progress=False)
+    regularised = train(TrainConfig.from_dict(dict(**base, spatial_entropy=0.01)), tmp_path / "se", progress=False)
     assert "spatial_entropy" in regularised.metrics[-1] and "spatial_entropy" not in plain.metrics[-1]
     assert not torch.equal(plain.model.blocks[1].attn.qkv.weight, regularised.model.blocks[1].attn.qkv.weight)
-    variant = train(TrainConfig(**base, spatial_entropy=0.01, last_attention_skip=False), tmp_path / "variant",
+    variant = train(TrainConfig.from_dict(dict(**base, spatial_entropy=0.01, last_attention_skip=False)), tmp_path / "variant",
                     progress=False)
     from vitlab.analysis.subjects import subject_from_run
 

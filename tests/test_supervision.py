@@ -18,9 +18,9 @@ DATA = DataConfig(num_train=128, num_val=64, augment="none")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("supervision")
     common = dict(model="vit_nano_patch8_sincos_32", epochs=1, batch_size=32, data=DATA)
-    labels = train(TrainConfig(**common), root / "labels", progress=False).run_dir
-    mp3 = train(TrainConfig(objective="mp3", **common), root / "mp3", progress=False).run_dir
-    tuned = train(TrainConfig(finetune_from=str(mp3), finetune_mode="linear", **common), root / "probe",
+    labels = train(TrainConfig.from_dict(dict(**common)), root / "labels", progress=False).run_dir
+    mp3 = train(TrainConfig.from_dict(dict(objective="mp3", **common)), root / "mp3", progress=False).run_dir
+    tuned = train(TrainConfig.from_dict(dict(finetune_from=str(mp3), finetune_mode="linear", **common)), root / "probe",
                   progress=False).run_dir
     return labels, mp3, tuned
 
@@ -39,11 +39,11 @@ def test_compare_runs_reports_what_supervision_changes(runs, tmp_path):
                      "robustness"], analysis_images=64, analysis_batch_size=32, progress=False)
     assert [s.name for s in result.subjects] == ["labels", "mp3"]  # nothing trained again
     saved = json.loads((tmp_path / "c" / "results.json").read_text())
-    sup = saved["supervision"]
+    sup = saved["supervision"]["runs"]
     assert sup["supervision"] == {"labels": "supervised", "mp3": "MP3 (position prediction)"}
     probe = result.analysis.results["probes"]["mp3"].accuracy["knn"]
     assert sup["knn"]["mp3"]["accuracy"] == pytest.approx(list(probe))
-    distance = result.analysis.attention_distance["labels"].distances.mean(axis=1)
+    distance = result.analysis.results["attention_distance"]["labels"].distances.mean(axis=1)
     assert sup["attention_distance_px"]["labels"]["mean"] == pytest.approx(list(distance))
     assert sup["knn"]["labels"]["relative_depth"][0] == 0 and sup["knn"]["labels"]["relative_depth"][-1] == 1
     html = (tmp_path / "c" / "report.html").read_text()
@@ -54,10 +54,8 @@ def test_compare_runs_reports_what_supervision_changes(runs, tmp_path):
 
 
 def test_one_kind_of_supervision_has_no_comparison(runs):
-    class Results:  # the suite's results are not consulted when nothing differs
-        results, attention_distance = {}, {}
-
-    assert compare_supervision({"a": "supervised", "b": "supervised"}, Results()) is None
+    # the suite's results are not consulted when nothing differs
+    assert compare_supervision({"a": "supervised", "b": "supervised"}, {}) is None
 
 
 def test_best_knn_layer_is_the_argmax():

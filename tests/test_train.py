@@ -18,7 +18,7 @@ def tiny_config(**overrides) -> TrainConfig:
                   drop_path=0.1, model_args={"depth": 2},
                   data=DataConfig(num_train=96, num_val=32))
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(dict(**values))
 
 
 def newest(run_dir):
@@ -118,7 +118,7 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("lr: 1e-3\nweight_decay: 5e-2\n")
     cfg = load_config(path)
-    assert cfg.lr == 1e-3 and cfg.weight_decay == 5e-2
+    assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 5e-2
     path.write_text("lr: inf\n")
     with pytest.raises(VitlabError, match="'lr' in .* must be a number, not 'inf'"):
         load_config(path)
@@ -187,7 +187,7 @@ def test_integer_values_pass_as_floats(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("lr: 1\nwarmup_epochs: 0\n")
     cfg = load_config(path)
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.warmup_epochs == 0.0
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.optim.warmup_epochs == 0.0
 
 
 def test_flip_evaluation_averages_the_logits_of_each_image_and_its_mirror():

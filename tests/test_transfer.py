@@ -17,7 +17,7 @@ from vitlab.train.transfer import prepare_transfer
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     out = tmp_path_factory.mktemp("src") / "resnet"
-    cfg = TrainConfig(model="resnet20_cifar", epochs=1, batch_size=16, data=DataConfig(num_train=64, num_val=32))
+    cfg = TrainConfig.from_dict(dict(model="resnet20_cifar", epochs=1, batch_size=16, data=DataConfig(num_train=64, num_val=32)))
     return train(cfg, out, progress=False).run_dir
 
 
@@ -38,7 +38,7 @@ def finetune(source, folder, out, **overrides):
     values = dict(model="resnet20_cifar", epochs=1, batch_size=8, finetune_from=str(source),
                   data=DataConfig(name=f"imagefolder:{folder}", val_fraction=0.25))
     values.update(overrides)
-    return train(TrainConfig(**values), out, progress=False)
+    return train(TrainConfig.from_dict(dict(**values)), out, progress=False)
 
 
 def test_linear_probe_trains_only_the_classifier(source, folder, tmp_path):
@@ -75,22 +75,22 @@ def test_too_many_blocks_is_one_line(source):
 
 def test_cli_finetune(source, folder, tmp_path):
     done = subprocess.run([sys.executable, "-m", "vitlab", "finetune", str(source), "--data", f"imagefolder:{folder}",
-                           "--mode", "linear", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "ft")],
+                           "--finetune-mode", "linear", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "ft")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "val acc" in done.stdout
     from vitlab.train import read_config
 
     cfg = read_config(tmp_path / "ft")
-    assert cfg.finetune_from == str(source) and cfg.finetune_mode == "linear" and cfg.model_args["num_classes"] == 3
+    assert cfg.finetune.source == str(source) and cfg.finetune.mode == "linear" and cfg.model_args["num_classes"] == 3
 
 
 def test_finetune_keeps_the_source_without_its_last_attention_skip(folder, tmp_path):
     """The variant without the last block's attention skip is architecture: fine-tuning keeps it."""
     from vitlab.cli import main
 
-    cfg = TrainConfig(model="vit_nano_patch8_32", epochs=1, batch_size=16, last_attention_skip=False,
-                      data=DataConfig(num_train=32, num_val=16))
+    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_32", epochs=1, batch_size=16, last_attention_skip=False,
+                      data=DataConfig(num_train=32, num_val=16)))
     source = train(cfg, tmp_path / "src", progress=False).run_dir
     assert main(["finetune", str(source), "--data", f"imagefolder:{folder}", "--epochs", "1", "--batch-size", "8",
                  "--out", str(tmp_path / "ft")]) == 0

@@ -11,14 +11,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
 from .analysis.subjects import Subject, load_subject, subject_from_run
-from .analysis.suite import ANALYSES, AnalysisOptions, AnalysisResults, check_analyses, run_analyses
+from .analysis.registry import AnalysisResults, RunOptions
+from .analysis.suite import check_analyses, run_analyses
 from .analysis.supervision import is_self_supervised
 from .data import DataConfig, build_dataset
 from .errors import VitlabError
@@ -26,7 +27,11 @@ from .io import timestamp
 from .models import check_model_name
 from .report.html import ReportMeta, write_report
 from .runs import INIT_WEIGHTS, WEIGHTS, read_config
-from .train import TrainConfig, train
+from .config import Optim, TrainConfig
+from .train import train
+
+
+_RUN = RunOptions()  # the declared defaults of --analysis-images and --analysis-batch-size
 
 
 @dataclass
@@ -90,14 +95,14 @@ def compare(
     out: str | Path | None = None,
     epochs: int | None = None,
     seed: int = 0,
-    analyses: Sequence[str] = ANALYSES,
-    analysis_images: int = 2048,
-    analysis_batch_size: int = 256,
+    analyses: Sequence[str] | None = None,
+    analysis_images: int = _RUN.images,
+    analysis_batch_size: int = _RUN.batch_size,
     progress: bool = True,
     command: str = "",
     resume: bool = False,
     overwrite: bool = False,
-    options: AnalysisOptions | None = None,
+    options: Any = None,
     runs: Sequence[str | Path] = (),
 ) -> CompareResult:
     """Train each model on ``data``, analyse them together and write the report.
@@ -109,12 +114,14 @@ def compare(
 
     ``models`` defaults to :data:`DEFAULT_RECIPES` (ViT, ResNet, Mixer, with their tuned
     schedules); other model names train with the first recipe's schedule. ``epochs`` overrides
-    every model's epochs; ``data`` defaults to :func:`default_data`. ``resume`` continues an
+    every model's epochs; ``data`` defaults to :func:`default_data`; ``analyses`` to every default
+    analysis, and ``options`` (an :data:`~vitlab.analysis.catalog.AnalysisOptions`) to their declared
+    options. ``resume`` continues an
     interrupted comparison in ``out``: finished runs are kept, an unfinished one resumes;
     ``overwrite`` deletes an existing ``out`` first.
     """
     started = time.perf_counter()
-    check_analyses(analyses)
+    analyses = check_analyses(analyses)
     data = data or default_data()
     run_dirs = [_check_run_dir(r) for r in runs]  # every name is checked before any training starts
     recipes = [] if run_dirs and not models else _recipes_for(models)
@@ -130,9 +137,9 @@ def compare(
     subjects, timings = [], {}
     for step, recipe in enumerate(recipes, 1):
         _say(progress, f"[{step}/{len(recipes) + 1}] training {recipe.model} on {data.name}")
-        cfg = TrainConfig(model=recipe.model, data=data, epochs=epochs or recipe.epochs, lr=recipe.lr,
-                          warmup_epochs=recipe.warmup_epochs, batch_size=recipe.batch_size,
-                          weight_decay=recipe.weight_decay, seed=seed)
+        cfg = TrainConfig(model=recipe.model, data=data, epochs=epochs or recipe.epochs, batch_size=recipe.batch_size,
+                          seed=seed, optim=Optim(lr=recipe.lr, warmup_epochs=recipe.warmup_epochs,
+                                                 weight_decay=recipe.weight_decay))
         t0 = time.perf_counter()
         run_dir = out_dir / recipe.model
         result = train(cfg, run_dir, resume=resume and (run_dir / "config.yaml").exists(), progress=progress)
@@ -179,7 +186,7 @@ def _clear_out_dir(out_dir: Path, overwrite: bool, fix: str, keep: Sequence[Path
 
 
 def _analyse(subjects: Sequence[Subject], data: DataConfig, analyses: Sequence[str], analysis_images: int,
-             batch_size: int, seed: int, progress: bool, options: AnalysisOptions | None) -> AnalysisResults:
+             batch_size: int, seed: int, progress: bool, options: Any) -> AnalysisResults:
     """The analysis suite over ``data``'s validation images, with what the separate analyses need."""
     loader = analysis_loader(data, analysis_images, batch_size, seed=seed, progress=progress)
     train_loader = (lambda: analysis_loader(data, 10**9, batch_size, seed=seed, split="train")) \
@@ -231,15 +238,15 @@ def analyze(
     data: DataConfig | None = None,
     out: str | Path | None = None,
     pretrained: bool = False,
-    analyses: Sequence[str] = ANALYSES,
-    analysis_images: int = 2048,
-    analysis_batch_size: int = 256,
+    analyses: Sequence[str] | None = None,
+    analysis_images: int = _RUN.images,
+    analysis_batch_size: int = _RUN.batch_size,
     seed: int = 0,
     allow_pickle: bool = False,
     progress: bool = True,
     command: str = "",
     overwrite: bool = False,
-    options: AnalysisOptions | None = None,
+    options: Any = None,
 ) -> CompareResult:
     """Analyse run directories, model names or ``MODEL@FILE`` (``specs``) on ``data`` and write the report.
 
@@ -250,7 +257,7 @@ def analyze(
     started = time.perf_counter()
     if not specs:
         raise VitlabError("name at least one run directory or model to analyse")
-    check_analyses(analyses)
+    analyses = check_analyses(analyses)
     world = distributed.setup("cpu")  # under torchrun: the streamed analyses split the batches (gloo)
     data = data or default_data()
     out_dir = Path(out) if out else Path("runs") / f"analyze-{timestamp()}"

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VitlabError
+from .registry import Analysis, Context, Figure, Stream
 from .results import to_jsonable
 
 __all__ = [
@@ -380,3 +381,74 @@ class AttentionDistanceResult:
         ax.set_ylabel("mean attention distance (px)")
         ax.set_title(f"{self.model}: mean attention distance")
         ax.legend(loc="lower right", fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+class SiteAccumulators(Stream):
+    """One accumulator per model and token grid (hierarchical models have one grid per stage),
+    fed by every attention site of the model; the base of the attention-map analyses."""
+
+    def __init__(self, context: Context, make: Any) -> None:
+        self.subjects = {s.name: s for s in context.subjects}
+        self.accumulators: dict[str, dict[tuple, Any]] = {}
+        self.site_key: dict[tuple[str, str], tuple] = {}
+        self.labels = {(s.name, site.name): site.label for s in context.subjects for site in s.anatomy.attention}
+        for s in context.subjects:
+            own = self.accumulators[s.name] = {}
+            for site in s.anatomy.attention:
+                key = (site.grid, site.patch_size, site.prefix_tokens)
+                self.site_key[s.name, site.name] = key
+                if key not in own:
+                    own[key] = make(site)
+
+    def attention(self, subject: str) -> list:
+        return list(self.subjects[subject].anatomy.attention) if subject in self.subjects else []
+
+    def on_attention(self, subject: str, site: str, probs: Tensor) -> None:
+        self.accumulators[subject][self.site_key[subject, site]].add(self.labels[subject, site], probs)
+
+    def all_reduce(self) -> None:
+        for own in self.accumulators.values():
+            for accumulator in own.values():
+                accumulator.all_reduce()
+
+
+class AttentionDistanceStream(SiteAccumulators):
+    """Mean attention distance of every head of every attention site of every model."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context, lambda site: AttentionDistance(site.grid, site.patch_size,
+                                                                 prefix_tokens=site.prefix_tokens))
+
+    def results(self) -> dict[str, AttentionDistanceResult]:
+        return {name: self._result(name, own) for name, own in self.accumulators.items()}
+
+    def _result(self, name: str, accumulators: dict[tuple, AttentionDistance]) -> AttentionDistanceResult:
+        """One result per model, sites in depth order; layers with fewer heads are padded with NaN."""
+        means = {}
+        for acc in accumulators.values():
+            means.update({label: m.numpy() for label, m in acc.compute().items()})
+        labels = [site.label for site in self.subjects[name].anatomy.attention]
+        table = np.full((len(labels), max(len(m) for m in means.values())), np.nan)
+        for row, label in enumerate(labels):
+            table[row, :len(means[label])] = means[label]
+        (grid, patch, _), *others = accumulators
+        # The "uniform attention" reference line exists only when every site shares one square grid.
+        image_px = grid[0] * patch[0] if not others and grid[0] == grid[1] and patch[0] == patch[1] else None
+        return AttentionDistanceResult(name, labels, table, patch_px=patch[0], image_px=image_px)
+
+
+ANALYSIS = Analysis(
+    name="attention_distance",
+    title="Attention distance",
+    caption="Each dot is one head's mean distance in pixels between a query patch and the patches it attends to "
+            "(attention-weighted, class token excluded, over {n} images): low dots are local, convolution-like "
+            "heads, dots near the dashed line global (Raghu et al.: early layers mix both only when trained on "
+            "enough data).",
+    paper="Dosovitskiy et al. 2021 (figure 7); Raghu et al. 2021 (figures 3-4)",
+    needs=("attention",),
+    stream=AttentionDistanceStream,
+    figures=(Figure(arrange="each", width=6.0, height=4.0, title="Attention distance: {key}"),),
+)

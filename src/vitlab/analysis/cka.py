@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VitlabError, closest_names
+from .registry import Analysis, Context, Figure, Stream
 from .results import to_jsonable
 
 __all__ = [
@@ -545,6 +546,77 @@ class CKAResult:
         ax.set_yticklabels([self.layers_a[i] for i in ys], fontsize=fontsize)
         ax.set_xlabel(f"{self.model_b} layer")
         ax.set_ylabel(f"{self.model_a} layer")
+        ax.set_title(self.model_a if self.model_a == self.model_b else f"{self.model_a} vs {self.model_b}")
         if colorbar:
             cbar = ax.figure.colorbar(im, ax=ax)
             cbar.set_label("CKA")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+def cka_key(a: str, b: str) -> str:
+    """The results key of the CKA of models ``a`` and ``b``."""
+    return f"{a} vs {b}"
+
+
+class CKAStream(Stream):
+    """Minibatch CKA of every layer of every model against every layer of every model.
+
+    One accumulator spans the layers of all models, so each Gram is computed once per batch and
+    every pair of models, a model with itself included, is a block of the same matrix.
+    """
+
+    def __init__(self, context: Context) -> None:
+        self.subjects = context.subjects
+        self.index = {s.name: i for i, s in enumerate(self.subjects)}
+        self.cka = MinibatchCKA([f"{i}:{layer.name}" for i, s in enumerate(self.subjects)
+                                 for layer in s.anatomy.layers])
+
+    def layers(self, subject: str) -> list[str]:
+        return list(self.subjects[self.index[subject]].anatomy.layer_names) if subject in self.index else []
+
+    def on_layer(self, subject: str, layer: str, output: Tensor) -> None:
+        self.cka.add(0, f"{self.index[subject]}:{layer}", output)
+
+    def end_batch(self) -> None:
+        self.cka.end_batch()
+
+    def all_reduce(self) -> None:
+        self.cka.all_reduce()
+
+    def results(self) -> dict[str, CKAResult]:
+        matrix = self.cka.compute().numpy()
+        offsets = [0]
+        for s in self.subjects:
+            offsets.append(offsets[-1] + len(s.anatomy.layers))
+        out = {}
+        for i, a in enumerate(self.subjects):
+            for j in range(i, len(self.subjects)):
+                b = self.subjects[j]
+                block = matrix[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]]
+                out[cka_key(a.name, b.name)] = CKAResult(a.name, b.name, a.anatomy.layer_labels,
+                                                         b.anatomy.layer_labels, block)
+        return out
+
+
+ANALYSIS = Analysis(
+    name="cka",
+    title="Representation similarity",
+    caption="Linear CKA between the layers of two models.",
+    paper="Kornblith et al. 2019; Raghu et al. 2021 (figures 1-2); Nguyen et al. 2021 (minibatch CKA)",
+    needs=("layers",),
+    stream=CKAStream,
+    figures=(
+        Figure(select=lambda key, r: r.model_a == r.model_b, width=4.6, height=4.0,
+               title="Representation similarity within each model",
+               caption="Linear CKA (minibatch, unbiased HSIC over {n} validation images) between every pair of layers "
+                       "of one model, where a bright cell means two layers hold similar representations (Raghu et "
+                       "al. found ViTs alike across depth and ResNets split into blocks by stage)."),
+        Figure(select=lambda key, r: r.model_a != r.model_b, width=4.6, height=4.0,
+               title="Representation similarity across models",
+               caption="Linear CKA between the layers of two models (rows: first model, columns: second), where a "
+                       "bright diagonal band means both compute similar representations in the same order and "
+                       "brightness off it shows a layer matching another depth of the other model."),
+    ),
+)

@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import VitlabError
+from ..options import option
+from .registry import Analysis, Context
 from .results import to_jsonable
 
 __all__ = ["PatchSelfAttention", "attention_from_conv", "conv_attention_error", "ConvAttentionResult"]
@@ -239,3 +241,49 @@ def conv_attention_error(conv: nn.Conv2d, patch_size: int, image_size: int = 16,
     centre_r, centre_c = g // 2 + pad, g // 2 + pad
     maps = attn.view(layer.num_heads, side, side)[:, centre_r - pad:centre_r + pad + 1, centre_c - pad:centre_c + pad + 1]
     return ConvAttentionResult(tuple(conv.kernel_size), patch_size, layer.num_heads, error, maps.double().cpu().numpy())
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvAttentionOptions:
+    """Options of the convolution-as-attention construction."""
+
+    patch: int = option(4, metavar="P", check=lambda v: v >= 1, must="be at least 1",
+                        help="patch size of the construction of a model's first stride-1 convolution")
+
+
+def run(context: Context) -> dict[str, ConvAttentionResult]:
+    """The first stride-1 'same' convolution of every subject, rebuilt exactly as attention."""
+    patch = context.options.patch
+    size = patch * 4
+    out = {}
+    for s in context.subjects:
+        conv = None
+        for module in s.model.modules():  # the first convolution the construction can rebuild
+            if isinstance(module, nn.Conv2d):
+                try:
+                    attention_from_conv(module, patch, size)
+                except VitlabError:
+                    continue
+                conv = module
+                break
+        if conv is None:
+            context.note(f"convolution as attention: {s.name} has no stride-1 'same' convolution to rebuild")
+            continue
+        out[s.name] = conv_attention_error(conv, patch, image_size=size)
+    return out
+
+
+ANALYSIS = Analysis(
+    name="conv_attention",
+    title="Convolution as attention",
+    caption="A stride-1 convolution of each model rebuilt exactly as one multi-head self-attention layer over "
+            "patches (Li et al.): each tile shows where one head attends around the query patch, and the title the "
+            "largest difference from the convolution's own output.",
+    paper="Cordonnier et al. 2020; Li et al. 2021",
+    options=ConvAttentionOptions,
+    prefix="conv_attention_",
+    run=run,
+)

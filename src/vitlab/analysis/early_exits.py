@@ -29,6 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from ..anatomy import anatomy
 from ..errors import VitlabError
 from ..models.early_exit import EarlyExitModel
+from .batches import require_labels
+from .registry import Analysis, Context
 from .results import to_jsonable
 
 #: Default thresholds: from "exit at once" to "never exit early".
@@ -225,3 +227,29 @@ def exit_curve(subject, loader: Iterable, thresholds: Sequence[float] = THRESHOL
         raise VitlabError("the early-exit curve needs labelled images; the loader yielded none")
     return ExitCurveResult(name or subject.name, list(thresholds), (correct / seen).tolist(),
                            (macs / (seen * full)).tolist(), (shares / seen).tolist(), seen)
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+def run(context: Context) -> dict[str, ExitCurveResult]:
+    """The accuracy-against-compute curve of every early-exit model."""
+    require_labels(context.loader, "early exits")
+    out = {}
+    for s in context.subjects:
+        if isinstance(s.model, EarlyExitModel):
+            out[s.name] = exit_curve(s, context.loader)
+        else:
+            context.note(f"early exits: not applicable to {s.name} (no exit branches)")
+    return out
+
+
+ANALYSIS = Analysis(
+    name="early_exits",
+    title="Early exits: accuracy against compute",
+    caption="Accuracy against compute of each early-exit model on {n} images, one point per confidence threshold "
+            "(an image leaves at the first exit whose top probability reaches it; 'off' never exits early): points "
+            "up and to the left are better, and the curve's flat part is compute the exits save for free.",
+    paper="Bakhtiarnia et al. 2022",
+    run=run,
+)

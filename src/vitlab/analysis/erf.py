@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 
 from ..anatomy import Anatomy, Layer
 from ..errors import VitlabError
+from ..options import option
+from .batches import Limited
+from .registry import Analysis, Context, Figure
 from .results import to_jsonable
 
 __all__ = ["centre_output", "effective_receptive_field", "ERFResult"]
@@ -133,3 +136,42 @@ class ERFResult:
         ax.set_xticklabels([f"{self.layers[i]}\n{radii[i]:.0f} px" for i in picks], fontsize="small")
         ax.set_yticks([])
         ax.set_title(f"{self.model}: effective receptive field (50% radius under each layer)")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class ERFOptions:
+    """Options of the effective receptive field."""
+
+    images: int = option(64, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                         help="analysis images whose gradients are averaged")
+
+
+def run(context: Context) -> dict[str, ERFResult]:
+    """The effective receptive field of every layer of every subject."""
+    batches = Limited(context.loader, context.options.images)
+    out = {}
+    for s in context.subjects:
+        try:
+            out[s.name] = effective_receptive_field(s.model, s.anatomy, batches, s.prepare,
+                                                    progress=context.progress, name=s.name)
+        except VitlabError as e:
+            context.note(f"effective receptive field: {e}")
+    return out
+
+
+ANALYSIS = Analysis(
+    name="erf",
+    title="Effective receptive field",
+    caption="The gradient of each layer's centre output with respect to the input, averaged over images and scaled "
+            "to its peak, with the radius that holds half of it under each map: a CNN's receptive field grows with "
+            "depth while a ViT's can span the image from its first blocks.",
+    paper="Luo et al. 2016; Raghu et al. 2021",
+    needs=("layers",),
+    options=ERFOptions,
+    prefix="erf_",
+    run=run,
+    figures=(Figure(arrange="rows", width=10.0, height=2.3),),
+)

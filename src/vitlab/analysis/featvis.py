@@ -27,6 +27,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import VitlabError
+from ..options import option
+from .registry import Analysis, Context, Figure
 from .results import to_jsonable
 
 __all__ = ["augment_copies", "total_variation", "visualise_unit", "feature_visualisation", "FeatureVisResult"]
@@ -171,3 +173,38 @@ class FeatureVisResult:
         ax.set_xticks([c * (w + 2) + w / 2 for c in range(cols)])
         ax.set_xticklabels([f"unit {u}" for u in self.units[:cols]], fontsize="small")
         ax.set_title(f"{self.model}: images that excite MLP units ({self.steps} Adam steps)", fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureVisOptions:
+    """Options of feature visualisation."""
+
+    layers: int = option(2, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                         help="blocks visualised, spread over depth")
+    units: int = option(2, metavar="N", check=lambda v: v >= 1, must="be at least 1", help="MLP units per block")
+    steps: int = option(400, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                        help="Adam steps per feature visualisation (the paper's 400)")
+
+
+def run(context: Context) -> dict[str, FeatureVisResult]:
+    """Images optimised to excite MLP units of every subject that has them."""
+    options = context.options
+    return {s.name: feature_visualisation(s, per_layer=options.units, layers=options.layers, steps=options.steps,
+                                          progress=context.progress) for s in context.subjects}
+
+
+ANALYSIS = Analysis(
+    name="feature_visualisation",
+    title="Feature visualisation",
+    caption="Images optimised from noise to excite single MLP hidden units with Ghiasi et al.'s recipe (Adam, "
+            "augmented copies, total-variation penalty), one row per block, early blocks first.",
+    paper="Ghiasi et al. 2022",
+    needs=("mlp_activations",),
+    options=FeatureVisOptions,
+    prefix="featvis_",
+    run=run,
+    figures=(Figure(width=3.5, height=lambda results: 1.0 + 0.8 * max(len(dict.fromkeys(r.layers)) for r in results)),),
+)

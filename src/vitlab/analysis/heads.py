@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from ..errors import VitlabError
-from .attention import _check_attention, _pair
+from .attention import SiteAccumulators, _check_attention, _pair
+from .registry import Analysis, Context, Figure
 from .results import to_jsonable
 
 __all__ = [
@@ -291,3 +292,41 @@ class HeadsResult:
         counts = self.counts()
         ax.set_title(f"{self.model}\noutlines: blue local {counts['local']}, orange offset-local "
                      f"{counts['offset-local']}, green global {counts['global']}", fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+class AttentionHeadsStream(SiteAccumulators):
+    """Aligned maps and entropies of every head, per model and token grid."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context, lambda site: AttentionHeads(site.grid, prefix_tokens=site.prefix_tokens))
+
+    def results(self) -> dict[str, HeadsResult]:
+        return {name: self._result(name, own) for name, own in self.accumulators.items()}
+
+    def _result(self, name: str, accumulators: dict[tuple, AttentionHeads]) -> HeadsResult:
+        """Aligned maps of the sites on the model's main grid (the largest number of sites), in depth order."""
+        (key, acc), *_ = sorted(accumulators.items(), key=lambda kv: -len(kv[1].counts))
+        stats = acc.compute()
+        labels = [site.label for site in self.subjects[name].anatomy.attention if site.label in stats]
+        return HeadsResult(name, labels, [stats[label][0].numpy() for label in labels],
+                           [stats[label][1].numpy() for label in labels])
+
+
+def _grid_height(results: list) -> float:
+    return 1.0 + 0.8 * max(len(dict.fromkeys(r.layers)) for r in results)
+
+
+ANALYSIS = Analysis(
+    name="attention_heads",
+    title="Attention heads: local, offset-local, global",
+    caption="Each head's attention averaged over queries and images and re-centred on the query (layers as rows, "
+            "heads as columns), outlined blue when local, orange when offset-local (it looks at one neighbour in a "
+            "fixed direction) and green when global, by vitlab's documented rule (after Walmer et al.).",
+    paper="Walmer et al. 2023 (section 4)",
+    needs=("attention",),
+    stream=AttentionHeadsStream,
+    figures=(Figure(width=4.5, height=_grid_height),),
+)

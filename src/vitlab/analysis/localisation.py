@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..capture import Capture
 from ..errors import VitlabError
+from ..options import option
 from .cka import MinibatchCKA
+from .registry import Analysis, Context, Stream
 from .results import to_jsonable
 
 __all__ = ["image_patches", "token_grid", "Localisation", "LocalisationResult"]
@@ -113,3 +117,84 @@ class LocalisationResult:
         ax.set_yticks([])
         ax.set_title(f"{self.model}, {self.layer}\n{100 * self.own_patch_rate():.0f}% of tokens most like their own "
                      "patch", fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalisationOptions:
+    """Options of the spatial-localisation analysis."""
+
+    layer: str | None = option(None, metavar="LABEL",
+                               help="layer label for spatial localisation (none: the deepest layer still on the "
+                                    "input's token grid)")
+
+
+def localisation_layer(subject, label: str | None) -> tuple[str, str] | None:
+    """(module path, label) of the layer whose tokens are compared with the input patches."""
+    a = subject.anatomy
+    if a.grid is None or a.patch_size is None:
+        return None
+    layers = [layer for layer in a.layers if label is None or layer.label == label]
+    if label is not None and not layers:
+        raise VitlabError(f"{subject.name} has no layer '{label}' for localisation; choose from "
+                          f"{', '.join(a.layer_labels)}")
+    probe = torch.zeros(1, 3, *(a.image_size or (a.grid[0] * a.patch_size[0], a.grid[1] * a.patch_size[1])))
+    outputs: dict[str, Tensor] = {}
+    with Capture(subject.model, [layer.name for layer in layers], outputs.__setitem__), torch.no_grad():
+        subject.model(probe)
+    for layer in reversed(layers):  # the deepest layer still on the input's token grid
+        try:
+            token_grid(outputs[layer.name], a.grid, a.prefix_tokens, layer.layout)
+            return layer.name, layer.label
+        except VitlabError:
+            continue
+    return None
+
+
+class LocalisationStream(Stream):
+    """Token-to-patch CKA of one layer of every model that has a layer on its input's token grid."""
+
+    def __init__(self, context: Context) -> None:
+        self.localisers: dict[str, tuple[Localisation, str, str]] = {}
+        self.pending: dict[str, Tensor] = {}
+        for s in context.subjects:
+            found = localisation_layer(s, context.options.layer)
+            if found is None:
+                context.note(f"localisation: not applicable to {s.name} (no layer on the input's token grid)")
+                continue
+            a = s.anatomy
+            layout = next(layer.layout for layer in a.layers if layer.name == found[0])
+            self.localisers[s.name] = (Localisation(a.grid, a.patch_size, a.prefix_tokens, layout), *found)
+
+    def layers(self, subject: str) -> list[str]:
+        return [self.localisers[subject][1]] if subject in self.localisers else []
+
+    def on_layer(self, subject: str, layer: str, output: Tensor) -> None:
+        self.pending[subject] = output
+
+    def after_forward(self, subject: str, images: Tensor) -> None:
+        if subject in self.pending:
+            self.localisers[subject][0].add(images, self.pending.pop(subject))
+
+    def all_reduce(self) -> None:
+        for localiser, _, _ in self.localisers.values():
+            localiser.all_reduce()
+
+    def results(self) -> dict[str, LocalisationResult]:
+        return {name: localiser.result(name, label) for name, (localiser, _, label) in self.localisers.items()}
+
+
+ANALYSIS = Analysis(
+    name="localisation",
+    title="Spatial localisation",
+    caption="For a 3x3 selection of token positions (circled), the CKA over {n} images between the token at that "
+            "position of the named layer and every input patch: a bright spot on the circle means the token still "
+            "describes its own patch (Raghu et al. found this for class-token ViTs, less for pooled ones).",
+    paper="Raghu et al. 2021 (section 5, figure 9)",
+    needs=("layers",),
+    options=LocalisationOptions,
+    prefix="localisation_",
+    stream=LocalisationStream,
+)

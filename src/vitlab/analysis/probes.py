@@ -28,10 +28,15 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..anatomy import Layer
+from ..capture import Capture
 from ..errors import VitlabError
 from ..knn import knn_predict
+from ..options import option
+from .batches import Limited, require_labels
+from .registry import Analysis, Context
 from .results import to_jsonable
 
 __all__ = ["READOUTS", "readouts", "LayerProbes", "ProbeResult"]
@@ -226,3 +231,57 @@ class ProbeResult:
         ax.set_ylabel("held-out accuracy")
         ax.set_title(f"{self.model}: layer probes")
         ax.legend(fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeOptions:
+    """Options of the layer probes."""
+
+    images: int = option(2048, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                         help="training images the probes are fitted on (held-out scoring uses the analysis images)")
+
+
+def run(context: Context) -> dict[str, ProbeResult]:
+    """Fit every subject's probes on training images, score them on the analysis images."""
+    if context.train_loader is None:
+        context.note("probes: skipped (no training images to fit them on)")
+        return {}
+    require_labels(context.loader, "probes")
+    out = {}
+    for s in context.subjects:
+        classes = getattr(s.model, "num_classes", 0)
+        probes = LayerProbes(s.anatomy.layers, s.anatomy.prefix_tokens, max(classes, 2))
+        batches = (("train", Limited(context.train_loader(), context.options.images)), ("eval", context.loader))
+        for phase, loader in batches:
+            labels_now: dict[str, torch.Tensor] = {}
+            add = probes.add_train if phase == "train" else probes.add_eval
+
+            def receive(name: str, output: Tensor, add=add, labels_now=labels_now) -> None:
+                add(name, output, labels_now["y"])
+
+            with Capture(s.model, s.anatomy.layer_names, receive), torch.no_grad():
+                for images, labels, *_ in tqdm(loader, desc=f"probes of {s.name} ({phase})",
+                                               disable=not context.progress, leave=False):
+                    labels_now["y"] = labels
+                    s.model(s.prepare(images))
+            if phase == "train":
+                probes.fit()
+        out[s.name] = probes.result(s.name)
+    return out
+
+
+ANALYSIS = Analysis(
+    name="probes",
+    title="Layer probes",
+    caption="Held-out accuracy after every layer of closed-form ridge probes on the class token, the token average "
+            "and the centre token, and of a weighted 20-nearest-neighbour probe, fitted on training images, with "
+            "each probe's best layer ringed: it shows at what depth the class becomes decodable.",
+    paper="Raghu et al. 2021 (section 7); Walmer et al. 2023 (section 5)",
+    needs=("layers",),
+    options=ProbeOptions,
+    prefix="probe_",
+    run=run,
+)

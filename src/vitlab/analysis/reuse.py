@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..capture import Capture
 from ..errors import VitlabError
 from .cka import MinibatchCKA
+from .registry import Analysis, Context
 from .results import to_jsonable
 
 __all__ = ["same_parameter_shapes", "weight_change", "feature_reuse", "FeatureReuseResult"]
@@ -108,3 +109,37 @@ class FeatureReuseResult:
         ax.set_xticklabels(self.layers[::stride], rotation=45, ha="right", fontsize="small")
         ax.set_xlabel("layer (depth)")
         ax.set_title(f"feature reuse: {self.model_a} vs {self.model_b}", fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+def run(context: Context) -> dict[str, FeatureReuseResult]:
+    """Each run against its initial weights, and two runs of one architecture against each other."""
+    out = {}
+    for s in context.subjects:
+        init = context.init_subjects.get(s.name)
+        if init is not None:
+            out[f"{s.name} vs initialisation"] = feature_reuse(s, init, context.loader, progress=context.progress)
+    # Two runs of the same architecture (e.g. before and after fine-tuning) are compared directly.
+    for i, a in enumerate(context.subjects):
+        for b in context.subjects[i + 1:]:
+            if (a.model_name and a.model_name == b.model_name and a.anatomy.layer_names == b.anatomy.layer_names
+                    and same_parameter_shapes(a.model, b.model)):
+                out[f"{a.name} vs {b.name}"] = feature_reuse(a, b, context.loader, progress=context.progress)
+    if not out:
+        context.note("feature reuse: no run with its initial weights (init.safetensors) and no two models of the "
+                     "same architecture to compare")
+    return out
+
+
+ANALYSIS = Analysis(
+    name="feature_reuse",
+    title="Feature reuse",
+    caption="CKA between the same layer of two versions of one model (solid) and how far its weights moved, "
+            "||W_a - W_b|| / ||W_b|| (dashed), against depth: layers with high CKA and small changes were reused, "
+            "the others relearned (Matsoukas et al.).",
+    paper="Matsoukas et al. 2022 (what makes transfer learning work for medical images)",
+    needs=("layers",),
+    run=run,
+)

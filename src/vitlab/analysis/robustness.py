@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 
 from ..capture import Capture
 from ..errors import VitlabError
+from ..options import option
+from .batches import Limited, images_of, require_labels
+from .registry import Analysis, Context, Figure
 from .results import to_jsonable
 
 __all__ = ["TESTS", "patch_mask", "drop_patches", "shuffle_patches", "cls_saliency", "salient_drop_masks",
@@ -193,3 +196,74 @@ class RobustnessResult:
                       "non_salient": "non-salient PatchDrop", "shuffle": "patch shuffle"}[test]
                      + f" ({self.grid}x{self.grid} grid)" * (test != "shuffle"))
         ax.legend(fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class RobustnessOptions:
+    """Options of the occlusion and shuffling tests."""
+
+    images: int = option(256, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                         help="analysis images the robustness tests use")
+    occlusion_grid: int = option(8, key="occlusion_grid", metavar="G", check=lambda v: v >= 1,
+                                 must="be a positive number of patches per side",
+                                 help="PatchDrop lattice of G x G patches (it must divide the image size)")
+    shuffle_grids: tuple[int, ...] = option((1, 2, 4, 8), key="shuffle_grids", metavar="G,G,...",
+                                            help="grids of the patch-shuffling test")
+    saliency_model: str | None = option(None, key="saliency_model", metavar="NAME_OR_RUN",
+                                        help="a model with a class token that ranks patches for salient PatchDrop of "
+                                             "models without one (a ResNet, a Mixer)")
+
+
+def check(context: Context) -> None:
+    """Refuse occlusion and shuffle grids that do not divide the images, before any work is done."""
+    for batch in context.loader:
+        h, w = images_of(batch).shape[-2:]
+        options = context.options
+        for name, grids in (("--occlusion-grid", (options.occlusion_grid,)), ("shuffle grid", options.shuffle_grids)):
+            for g in grids:
+                if g < 1 or h % g or w % g:
+                    fits = ", ".join(str(d) for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0)
+                    raise VitlabError(f"{name} {g} does not divide the {h}x{w} analysis images; use one of {fits}")
+        return
+
+
+def run(context: Context) -> dict[str, RobustnessResult]:
+    """Every subject under random and salient PatchDrop and patch shuffling."""
+    from .subjects import load_subject
+
+    require_labels(context.loader, "robustness")
+    options = context.options
+    batches = Limited(context.loader, options.images)
+    saliency = load_subject(options.saliency_model) if options.saliency_model else None
+    out = {}
+    for s in context.subjects:
+        own = any(site.prefix_tokens > 0 for site in s.anatomy.attention)
+        tests = [t for t in TESTS if own or saliency is not None or t not in ("salient", "non_salient")]
+        if len(tests) < len(TESTS):
+            context.note(f"robustness: salient PatchDrop skipped for {s.name} (no class-token attention to rank "
+                         "patches by; name a saliency model with --saliency-model)")
+        out[s.name] = robustness(s, batches, tests, grid=options.occlusion_grid, shuffle_grids=options.shuffle_grids,
+                                 saliency_subject=None if own else saliency, progress=context.progress)
+    return out
+
+
+def _tests_drawn(results: list[RobustnessResult]) -> list[str]:
+    return list(dict.fromkeys(t for r in results for t in r.curves))
+
+
+ANALYSIS = Analysis(
+    name="robustness",
+    title="Robustness to occlusion and shuffling",
+    caption="Accuracy of every model when random patches, the most attended patches (salient) or all but them "
+            "(non-salient) are blacked out before normalisation, and when the image is cut into g x g shuffled "
+            "patches (Naseer et al. found ViTs degrade more gracefully than CNNs).",
+    paper="Naseer et al. 2021 (sections 3.1-3.2)",
+    options=RobustnessOptions,
+    prefix="robustness_",
+    check=check,
+    run=run,
+    figures=(Figure(arrange="panels", panels=_tests_drawn, width=4.2, height=3.6),),
+)

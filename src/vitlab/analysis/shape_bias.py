@@ -33,6 +33,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import VitlabError
+from ..options import option
+from .registry import Analysis, Context, Figure
 from .results import to_jsonable
 
 __all__ = ["GEIRHOS_CATEGORIES", "imagenet_to_16", "ConflictShapes", "shapes_shape_bias", "geirhos_shape_bias",
@@ -209,3 +211,52 @@ def plot_shape_bias(ax: Any, results: list[ShapeBiasResult]) -> None:
     ax.set_xlabel("fraction of cue decisions: shape | texture")
     ax.set_title(f"shape bias on {results[0].protocol} cue-conflict images" if results else "shape bias")
     ax.legend(fontsize="small", loc="lower right")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+@dataclass
+class ShapeBiasOptions:
+    """Options of the shape-bias analysis."""
+
+    images: int = option(512, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                         help="rendered cue-conflict images for models trained on shapes")
+    cue_conflict_dir: str | None = option(None, key="cue_conflict_dir", metavar="DIR",
+                                          help="Geirhos cue-conflict images (cat1-elephant2.png ...) for the shape "
+                                               "bias of ImageNet models")
+
+
+def run(context: Context) -> dict[str, ShapeBiasResult]:
+    """Shape bias of the models it can be measured for: runs trained on shapes, ImageNet models."""
+    options, out = context.options, {}
+    for s in context.subjects:
+        classes = getattr(s.model, "num_classes", None)
+        trained_on = context.trained_on.get(s.name, "")
+        if classes == 1000 and options.cue_conflict_dir:
+            out[s.name] = geirhos_shape_bias(s, options.cue_conflict_dir, progress=context.progress)
+        elif classes == 10 and s.source == "run" and trained_on.startswith("shapes"):
+            out[s.name] = shapes_shape_bias(s, num_images=options.images, trained_on=trained_on,
+                                            progress=context.progress)
+        elif classes == 1000:
+            context.note(f"shape bias: {s.name} is an ImageNet model; pass --cue-conflict-dir DIR (Geirhos et al.'s "
+                         "cue-conflict images) to measure it")
+        else:
+            context.note(f"shape bias: not applicable to {s.name} (needs a run trained on shapes, or an ImageNet "
+                         "model with --cue-conflict-dir DIR)")
+    return out
+
+
+ANALYSIS = Analysis(
+    name="shape_bias",
+    title="Shape bias",
+    caption="The share of shape decisions among cue decisions on cue-conflict images (one class's shape filled "
+            "with another's texture), 1 meaning shape only and 0 texture only; it is informative for models trained "
+            "where both cues predict the class (shapes with match textures, or ImageNet).",
+    paper="Geirhos et al. 2019; Naseer et al. 2021 (section 3.4)",
+    options=ShapeBiasOptions,
+    prefix="shape_bias_",
+    run=run,
+    figures=(Figure(arrange="shared", draw=lambda ax, results: plot_shape_bias(ax, results), width=7.0,
+                    height=lambda results: 1.0 + 0.7 * len(results)),),
+)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..anatomy import ResidualSite
 from ..errors import VitlabError
+from .registry import Analysis, Context, Stream
 from .results import to_jsonable
 
 __all__ = ["token_norms", "SkipRatios", "SkipResult"]
@@ -138,3 +139,35 @@ class SkipResult:
         ax.set_ylabel("||z|| / ||f(z)||")
         ax.set_title(f"{self.model}: ||z|| / ||f(z)||", fontsize="medium")
         ax.legend(fontsize="small")
+
+
+# --- in the suite -------------------------------------------------------------------------------
+
+
+class SkipStream(Stream):
+    """Skip ratios of every residual site of every model, from forward hooks on stream and branch."""
+
+    def __init__(self, context: Context) -> None:
+        self.ratios = {s.name: SkipRatios(s.anatomy.residuals) for s in context.subjects}
+
+    def hooks(self, subject: str) -> list[tuple[str, str, Callable[[Tensor], None]]]:
+        return self.ratios[subject].hooks() if subject in self.ratios else []
+
+    def all_reduce(self) -> None:
+        for ratios in self.ratios.values():
+            ratios.all_reduce()
+
+    def results(self) -> dict[str, SkipResult]:
+        return {name: ratios.result(name) for name, ratios in self.ratios.items()}
+
+
+ANALYSIS = Analysis(
+    name="skip_connections",
+    title="Skip connections",
+    caption="The norm of the residual stream divided by the norm of what each branch adds, against depth, for the "
+            "spatial tokens (solid) and the class token (dashed): above 1 the skip connection dominates and the "
+            "block changes the representation little (Raghu et al.).",
+    paper="Raghu et al. 2021 (section 6, figure 8)",
+    needs=("residuals",),
+    stream=SkipStream,
+)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import VitlabError
 from ..runs import read_config
+from .registry import Analysis, Context, Figure
 from .results import to_jsonable
 
 #: How each training objective is named in reports.
@@ -37,13 +38,13 @@ def supervision_of(run_dir: str | Path) -> str:
     """How the run in ``run_dir`` was trained: its objective, and what it was fine-tuned from."""
     cfg = read_config(Path(run_dir))
     label = OBJECTIVE_LABELS.get(cfg.objective, cfg.objective)
-    if cfg.finetune_from:
-        source = Path(cfg.finetune_from)
+    if cfg.finetune.source:
+        source = Path(cfg.finetune.source)
         try:
             before = supervision_of(source)
         except VitlabError:  # the source run was moved or deleted: say what is known
             before = f"run {source.name}"
-        return f"{before}, then {'linear probe' if cfg.finetune_mode == 'linear' else 'fine-tuned'}"
+        return f"{before}, then {'linear probe' if cfg.finetune.mode == 'linear' else 'fine-tuned'}"
     if cfg.init_weights:
         return f"{label}, from {Path(cfg.init_weights).name}"
     return label
@@ -52,7 +53,7 @@ def supervision_of(run_dir: str | Path) -> str:
 def is_self_supervised(run_dir: str | Path) -> bool:
     """True for a pretraining run whose classifier never saw a label (not fine-tuned since)."""
     cfg = read_config(Path(run_dir))
-    return cfg.objective in SELF_SUPERVISED and not cfg.finetune_from
+    return cfg.objective in SELF_SUPERVISED and not cfg.finetune.source
 
 
 @dataclass
@@ -96,35 +97,33 @@ class SupervisionComparison:
             "best_knn": {r: {"relative_depth": d, "accuracy": a} for r, (d, a) in self.best_knn().items()},
         })
 
-    def plot(self, axes: Sequence) -> None:
-        """k-NN accuracy (left) and mean attention distance (right) against relative depth, one line per run."""
-        panels = [(axes[0], self.knn, "k-NN accuracy of the layer's features"),
-                  (axes[1] if len(axes) > 1 else None, self.attention, "mean attention distance (px)")]
-        for ax, series, ylabel in panels:
-            if ax is None:
-                continue
-            for run, (depth, values) in series.items():
-                ax.plot(depth, values, "-o", ms=3, label=f"{run}: {self.supervision[run]}")
-            ax.set(xlabel="relative depth", ylabel=ylabel)
-            ax.grid(alpha=0.3)
-            if series:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    def plot(self, ax: Any, panel: str = "knn") -> None:
+        """One line per run against relative depth: k-NN accuracy (``panel="knn"``) or mean attention
+        distance (``panel="attention"``)."""
+        series, ylabel = {"knn": (self.knn, "k-NN accuracy of the layer's features"),
+                          "attention": (self.attention, "mean attention distance (px)")}[panel]
+        for run, (depth, values) in series.items():
+            ax.plot(depth, values, "-o", ms=3, label=f"{run}: {self.supervision[run]}")
+        ax.set(xlabel="relative depth", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
 
 
-def compare_supervision(supervision: dict[str, str], results: Any) -> SupervisionComparison | None:
-    """Gather the comparison from the suite's ``results`` (an :class:`AnalysisResults`) for the runs
-    named in ``supervision``; ``None`` unless at least two kinds of supervision are present."""
+def compare_supervision(supervision: dict[str, str], results: dict[str, dict[str, Any]]) -> SupervisionComparison | None:
+    """Gather the comparison from the suite's ``results`` (``{analysis: {model: result}}``) for the
+    runs named in ``supervision``; ``None`` unless at least two kinds of supervision are present."""
     if len(set(supervision.values())) < 2:
         return None
     comparison = SupervisionComparison(runs=list(supervision), supervision=dict(supervision))
     for run in supervision:
-        probe = results.results.get("probes", {}).get(run)
+        probe = results.get("probes", {}).get(run)
         if probe is not None and "knn" in probe.accuracy:
             acc = np.asarray(probe.accuracy["knn"], dtype=float)
             comparison.knn[run] = (_relative(len(acc)), acc)
-        distance = results.attention_distance.get(run)
+        distance = results.get("attention_distance", {}).get(run)
         if distance is not None:
             per_layer = np.asarray(distance.distances, dtype=float).mean(axis=1)
             comparison.attention[run] = (_relative(len(per_layer)), per_layer)
@@ -134,6 +133,33 @@ def compare_supervision(supervision: dict[str, str], results: Any) -> Supervisio
 def _relative(n: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
 
+
+# --- in the suite -------------------------------------------------------------------------------
+
+#: The results key of the one comparison.
+KEY = "runs"
+
+
+def run(context: Context) -> dict[str, SupervisionComparison]:
+    """The comparison of the runs trained with different supervision (none when all share one)."""
+    comparison = compare_supervision({s.name: s.supervision for s in context.subjects if s.supervision},
+                                     context.done.results)
+    return {} if comparison is None else {KEY: comparison}
+
+
+ANALYSIS = Analysis(
+    name="supervision",
+    title="What supervision changes",
+    caption="The same comparison for runs trained with different supervision, against relative depth (0: first "
+            "block, 1: last): on the left the k-NN accuracy of each layer's features (the probes analysis), on the "
+            "right each layer's mean attention distance; Walmer et al. found reconstruction-trained ViTs' best "
+            "features mid-network and label- or distillation-trained ones' at the end.",
+    paper="Walmer et al. 2023 (Teaching Matters)",
+    derived_from=("probes", "attention_distance"),
+    run=run,
+    figures=(Figure(arrange="panels", panels=lambda results: ["knn", "attention"], width=5.5, height=4.0,
+                    text=lambda results: " ".join(r.summary() for r in results)),),
+)
 
 __all__ = ["supervision_of", "is_self_supervised", "SupervisionComparison", "compare_supervision",
            "OBJECTIVE_LABELS"]

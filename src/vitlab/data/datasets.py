@@ -27,9 +27,10 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ..errors import VitlabError, unknown_name_error
+from ..options import option
 from .images import DecodedCache, load_rgb, scan_images
-from .shapes import SHAPE_CLASSES, ShapesConfig, default_cache_dir, load_shapes
-from .transforms import build_transform
+from .shapes import SHAPE_CLASSES, TEXTURE_MODES, ShapesConfig, default_cache_dir, load_shapes
+from .transforms import AUGMENTATIONS, build_transform
 
 DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder:PATH")
 
@@ -39,38 +40,46 @@ _CIFAR_STATS = {
 }
 
 
+def _known_data_set(name: str) -> bool:
+    parse_name(name)  # an unknown name raises its own line, with the closest names
+    return True
+
+
 @dataclass
 class DataConfig:
     """Which data, at what size, with which augmentation. Saved in every run's ``config.yaml``."""
 
-    #: ``shapes``, ``cifar10``, ``cifar100`` or ``imagefolder:PATH``.
-    name: str = "shapes"
-    #: Side of the (square) training images; ``None`` keeps the data set's native size.
-    image_size: int | None = None
-    #: Where CIFAR lives (default: ``$VITLAB_CACHE/data``, i.e. ``~/.cache/vitlab/data``).
-    root: str | None = None
-    #: Fetch CIFAR from the internet if it is missing. Never done unless asked.
-    download: bool = False
-    #: ``shapes`` only: images in the training and validation splits, and how texture relates to class.
-    num_train: int = 20_000
-    num_val: int = 2_000
-    texture_mode: str = "random"
-    #: ``imagefolder`` without ``train``/``val`` subfolders: the fraction of each class held out.
-    val_fraction: float = 0.1
-    #: Seed of the validation split: the hold-out of an image folder, the rendered validation images
-    #: of ``shapes``. ``None`` follows the run's seed; set it to compare runs of several seeds on one
-    #: validation set.
-    split_seed: int | None = None
-    #: ``crop-flip`` or ``none``; RandAugment as timm's config string (e.g. ``rand-m9-mstd0.5``) or ``None``.
-    augment: str = "crop-flip"
-    randaugment: str | None = None
-    #: ``resized-crop-flip``: the smallest fraction of the image area a crop keeps.
-    crop_scale: float = 0.8
-    #: ``crop-flip``: pixels of zero padding on each side before the random crop (``None``: an
-    #: eighth of the side, 4 for 32x32; smaller shifts suit short schedules).
-    crop_padding: int | None = None
-    #: DataLoader worker processes (0 loads in the training process).
-    num_workers: int = 0
+    name: str = option("shapes", key="data", check=_known_data_set, metavar="NAME",
+                       help="shapes (embedded), cifar10, cifar100 or imagefolder:PATH")
+    image_size: int | None = option(None, metavar="PX", check=lambda v: v >= 8, must="be at least 8 pixels",
+                                    help="train and analyse at this image side (none: the data set's own)")
+    root: str | None = option(None, key="data_root", metavar="DIR",
+                              help="where CIFAR lives (none: $VITLAB_CACHE/data, i.e. ~/.cache/vitlab/data)")
+    download: bool = option(False, help="download CIFAR if it is missing (needs the network; never done unasked)")
+    num_train: int = option(20_000, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                            help="shapes: images in the training split")
+    num_val: int = option(2_000, metavar="N", check=lambda v: v >= 1, must="be at least 1",
+                          help="shapes: images in the validation split")
+    texture_mode: str = option("random", choices=TEXTURE_MODES,
+                               help="shapes: how object texture relates to class ('match' makes both shape and "
+                                    "texture predict the class, the training set for a shape-bias study)")
+    val_fraction: float = option(0.1, metavar="F", check=lambda v: 0 < v < 1, must="be between 0 and 1",
+                                 help="image folders without train/ and val/: the seeded class-balanced fraction "
+                                      "held out for validation")
+    split_seed: int | None = option(None, metavar="N",
+                                    help="seed of the validation split (an image folder's hold-out, shapes' "
+                                         "validation images), so runs of several seeds share one validation set "
+                                         "(none: the run's seed)")
+    augment: str = option("crop-flip", choices=AUGMENTATIONS, help="augmentation preset")
+    randaugment: str | None = option(None, metavar="CFG",
+                                     help="timm RandAugment config, e.g. rand-m9-mstd0.5 ('none' or none: off)")
+    crop_scale: float = option(0.8, metavar="S", check=lambda v: 0 < v <= 1, must="be in (0, 1]",
+                               help="resized-crop-flip: the smallest fraction of the image area a crop keeps")
+    crop_padding: int | None = option(None, metavar="PX", check=lambda v: v >= 0, must="be 0 or more",
+                                      help="crop-flip: pixels of zero padding on each side before the random crop, "
+                                           "i.e. the largest shift (none: an eighth of the side, 4 at 32x32)")
+    num_workers: int = option(0, metavar="N", check=lambda v: v >= 0, must="be 0 or more",
+                              help="data-loading worker processes (0 loads in the training process)")
 
 
 @dataclass

@@ -128,20 +128,20 @@ def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[flo
     if cfg.objective == "mp3":
         from .position_prediction import PositionPrediction
 
-        return PositionPrediction(model, cfg.mp3_keep)
+        return PositionPrediction(model, cfg.mp3.keep)
     if cfg.objective == "mae":
         from .masked_autoencoder import MaskedAutoencoder
 
-        return MaskedAutoencoder(model, mask_ratio=cfg.mae_mask_ratio, decoder_dim=cfg.mae_decoder_dim,
-                                 decoder_depth=cfg.mae_decoder_depth, decoder_heads=cfg.mae_decoder_heads,
-                                 norm_pix_loss=cfg.mae_norm_pix)
+        return MaskedAutoencoder(model, mask_ratio=cfg.mae.mask_ratio, decoder_dim=cfg.mae.decoder_dim,
+                                 decoder_depth=cfg.mae.decoder_depth, decoder_heads=cfg.mae.decoder_heads,
+                                 norm_pix_loss=cfg.mae.norm_pix)
     if cfg.objective == "dino":
         from .dino import DINO
 
         return DINO(model, total_steps=cfg.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                    mean=mean, std=std, prototypes=cfg.dino_prototypes, hidden_dim=cfg.dino_hidden_dim,
-                    bottleneck_dim=cfg.dino_bottleneck_dim, student_temp=cfg.dino_student_temp,
-                    teacher_temp=cfg.dino_teacher_temp, teacher_temp_warmup=cfg.dino_teacher_temp_warmup,
-                    momentum=cfg.dino_momentum, center_momentum=cfg.dino_center_momentum,
-                    crop_scale=cfg.dino_crop_scale)
+                    mean=mean, std=std, prototypes=cfg.dino.prototypes, hidden_dim=cfg.dino.hidden_dim,
+                    bottleneck_dim=cfg.dino.bottleneck_dim, student_temp=cfg.dino.student_temp,
+                    teacher_temp=cfg.dino.teacher_temp, teacher_temp_warmup=cfg.dino.teacher_temp_warmup,
+                    momentum=cfg.dino.momentum, center_momentum=cfg.dino.center_momentum,
+                    crop_scale=cfg.dino.crop_scale)
     return None

@@ -110,7 +110,7 @@ def train(
     ``cfg.init_weights`` be a pickle checkpoint (only for files from a trusted source).
     """
     cfg.validate()
-    world = distributed.setup(cfg.device)
+    world = distributed.setup(cfg.accel.device)
     path = Path(out) if out else default_run_dir(cfg)
     if world.distributed:  # every rank must use the directory rank 0 named (timestamps differ)
         path = Path(distributed.broadcast_object(str(path)))
@@ -146,13 +146,13 @@ def train(
         report = load_weights_file(model, cfg.init_weights, allow_pickle=allow_pickle)
         if show:
             tqdm.write(f"{cfg.model}: {report}")
-    if cfg.finetune_from and not resume:
+    if cfg.finetune.source and not resume:
         seed_all(cfg.seed)
         fresh = build_model(cfg)  # the seed's own initialisation: what re-initialised parts start from
-        reset = prepare_transfer(model, fresh, str(Path(cfg.finetune_from) / rundir.WEIGHTS), cfg.reinit_blocks)
+        reset = prepare_transfer(model, fresh, str(Path(cfg.finetune.source) / rundir.WEIGHTS), cfg.finetune.reinit_blocks)
         if show:
-            tqdm.write(f"{cfg.model}: weights of {cfg.finetune_from}, new {', '.join(reset)}")
-    frozen = freeze_for(model, cfg.finetune_mode)
+            tqdm.write(f"{cfg.model}: weights of {cfg.finetune.source}, new {', '.join(reset)}")
+    frozen = freeze_for(model, cfg.finetune.mode)
     if cfg.exit_training != "joint":
         from ..models.early_exit import EarlyExitModel
 
@@ -164,8 +164,8 @@ def train(
     if not resume and world.is_main:  # only once the model builds: a bad option must not leave a half-made run
         rundir.save_config(run_dir, cfg)
         rundir.save_weights(run_dir, model, rundir.INIT_WEIGHTS)
-    precision = accel.resolve_precision(cfg.precision, world.device)
-    channels_last = accel.use_channels_last(cfg.channels_last, model)
+    precision = accel.resolve_precision(cfg.accel.precision, world.device)
+    channels_last = accel.use_channels_last(cfg.accel.channels_last, model)
     model.to(world.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     steps_per_epoch = batches.steps_per_epoch
     # Self-supervised objectives (MP3, MAE, DINO; vitlab.train.objectives) wrap the model with
@@ -175,17 +175,17 @@ def train(
     if task is not None:
         task.to(world.device)
     trained = task or model
-    optimizer = create_optimizer_v2(trained, "momentum" if cfg.optimizer == "sgd" else "adamw", lr=cfg.lr,
-                                    weight_decay=cfg.weight_decay,
-                                    **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+    optimizer = create_optimizer_v2(trained, "momentum" if cfg.optim.optimizer == "sgd" else "adamw", lr=cfg.optim.lr,
+                                    weight_decay=cfg.optim.weight_decay,
+                                    **({"momentum": cfg.optim.momentum} if cfg.optim.optimizer == "sgd" else {}))
     # The weights' moving average: stateless apart from its weights (the decay follows the step).
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=cfg.epochs * steps_per_epoch,
-        lr_min=cfg.min_lr,
-        warmup_t=round(cfg.warmup_epochs * steps_per_epoch),
-        warmup_lr_init=cfg.warmup_lr,
+        lr_min=cfg.optim.min_lr,
+        warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=cfg.optim.warmup_lr,
         t_in_epochs=False,  # the schedule advances every step, not every epoch
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -214,7 +214,7 @@ def train(
     elapsed = metrics[-1]["time_s"] if metrics else 0.0
     # Objectives leave parts of the model unused (the classifier; MP3 the position embedding).
     net = DistributedDataParallel(trained, find_unused_parameters=task is not None) if world.distributed else trained
-    net = accel.compile_model(net) if cfg.compile else net
+    net = accel.compile_model(net) if cfg.accel.compile else net
 
     def checkpoint(next_epoch: int, next_step: int, sums: EpochSums) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):  # never commit broken weights
@@ -226,7 +226,7 @@ def train(
                 "optimizer": optimizer.state_dict(), "metrics": metrics, "sums": dataclasses.asdict(sums),
                 **({"ema": ema.module.state_dict()} if ema is not None else {}),
                 **({"task": task.task_state()} if task is not None else {}),
-                "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.keep_checkpoints)
+                "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.checkpoint.keep)
         distributed.barrier()
 
     # --- steps --------------------------------------------------------------------------------
@@ -286,8 +286,8 @@ def train(
                                       "--lr or raise --warmup-epochs (the last good checkpoint is kept)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+                if cfg.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(trained.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 if task is not None:
                     task.after_step(global_step)  # DINO: the teacher and the centre follow the student
@@ -310,7 +310,7 @@ def train(
             if not math.isnan(sums.correct):  # MAE and DINO have no training accuracy to show
                 shown["acc"] = f"{sums.correct / sums.seen:.3f}"
             bar.set_postfix(**shown, lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+            if cfg.checkpoint.every and global_step % cfg.checkpoint.every == 0 and step + 1 < steps_per_epoch:
                 sums.seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 checkpoint(epoch, step + 1, sums)
