@@ -1,29 +1,30 @@
-"""Self-supervised pretraining objectives: one small protocol the trainer drives.
+"""Self-supervised pretraining objectives: the tasks that train without labels.
 
 An objective wraps the backbone (the run's model) with whatever parameters of its own it needs
-(MP3's position head, MAE's decoder, DINO's projection head and teacher). The trainer treats
-every objective the same way:
+(MP3's position head, MAE's decoder, DINO's projection head and teacher), and is a
+:class:`~vitlab.train.tasks.Task` whose module is itself. Each subclass implements:
 
-* ``outputs = objective(images)`` inside the step's autocast (through DDP under torchrun), then
-  ``loss, accuracy = objective.loss(outputs, step)``: the loss of the global ``step`` and the
-  batch's training accuracy (``None`` where the objective has none);
-* ``objective.after_step(step)`` right after the optimizer step (DINO's teacher and centre);
-* ``objective.task_state()`` / ``load_task_state()``: everything but the backbone, saved as
-  ``state["task"]`` in every checkpoint, so ``--resume`` restores it exactly;
-* ``objective.validate(loader, device)``: ``(val_loss, val_acc)`` at the end of every epoch;
+* ``forward(images)`` (run inside the step's autocast, through DDP under torchrun) and
+  ``loss(outputs, step)``: the loss of the global ``step`` and the batch's training accuracy
+  (``None`` where the objective has none);
+* ``after_step(step)`` if something follows the optimizer step (DINO's teacher and centre);
+* ``validate(loader, device)``: ``(val_loss, val_acc)`` at the end of every epoch, where
   :attr:`val_acc_name` says what ``val_acc`` is.
 
-``model.safetensors`` stays the bare backbone, so ``vitlab finetune RUN`` takes any pretrained run.
+Everything but the backbone is saved as ``state["task"]`` in every checkpoint, so ``--resume``
+restores it exactly; ``model.safetensors`` stays the bare backbone, so ``vitlab finetune RUN``
+takes any pretrained run.
 
 The default validation, used by MAE and DINO: ``val_loss`` is the objective on the validation
 images (with random numbers from a fixed seed, so every epoch sees the same masks or views and
 the numbers are comparable across epochs), and ``val_acc`` a cheap k-NN monitor of the
-backbone's pooled features (:func:`knn_accuracy`).
+backbone's pooled features (:func:`~vitlab.knn.knn_accuracy`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import ClassVar, Iterable
 
 import torch
@@ -31,18 +32,44 @@ import torch.nn as nn
 
 from ..errors import VitlabError
 from ..knn import knn_accuracy
+from .tasks import Task
 
 #: The objectives ``TrainConfig.objective`` accepts besides ``supervised``.
 PRETRAINING_OBJECTIVES = ("mp3", "mae", "dino")
 
 
-class PretrainingObjective(nn.Module):
+class PretrainingObjective(nn.Module, Task):
     """Base of the pretraining objectives; subclasses set ``self.backbone`` and implement
     ``forward(images)`` and :meth:`loss`."""
 
-    #: What ``val_acc`` measures (the CLI summary and the metrics' reader need to know).
     val_acc_name: ClassVar[str] = "k-NN accuracy of the pooled features"
+    # The classifier (and MP3's position embedding) takes no part in the objective.
+    unused_parameters: ClassVar[bool] = True
+    # The k-NN monitor needs every image's features in one place; validation splits are small.
+    shard_validation: ClassVar[bool] = False
     backbone: nn.Module
+
+    @property
+    def module(self) -> nn.Module:
+        """The objective itself: its own parameters train with the backbone's."""
+        return self
+
+    def batch_loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   step: int) -> tuple[torch.Tensor, float]:
+        """The objective's own loss, no labels; MP3's share of tokens placed right counts as accuracy."""
+        loss, accuracy = self.loss(net(images), step)
+        return loss, accuracy.item() * images.shape[0] if accuracy is not None else math.nan
+
+    def evaluate(self, loader: Iterable, device: torch.device, precision: str, progress: bool = False,
+                 model: nn.Module | None = None) -> dict[str, float]:
+        val_loss, val_acc = self.validate(loader, device)
+        return {"val_loss": val_loss, "val_acc": val_acc}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.task_state()
+
+    def load_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        self.load_task_state(state)
 
     def loss(self, outputs, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The objective's loss from ``forward``'s outputs at global ``step`` (``None``: validation),
@@ -118,8 +145,8 @@ def feature_dim(model: nn.Module) -> int:
 
 
 def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[float, float, float],
-                    std: tuple[float, float, float]) -> PretrainingObjective | None:
-    """The objective ``cfg.objective`` names, wrapping ``model`` (``None`` for supervised training).
+                    std: tuple[float, float, float]) -> PretrainingObjective:
+    """The objective ``cfg.objective`` names, wrapping ``model``.
 
     ``steps_per_epoch`` sets the schedules that follow the step (DINO's teacher momentum and
     temperature); ``mean`` and ``std`` are the data's normalisation (DINO's colour jitter
@@ -144,4 +171,4 @@ def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[flo
                     teacher_temp=cfg.dino.teacher_temp, teacher_temp_warmup=cfg.dino.teacher_temp_warmup,
                     momentum=cfg.dino.momentum, center_momentum=cfg.dino.center_momentum,
                     crop_scale=cfg.dino.crop_scale)
-    return None
+    raise VitlabError(f"objective must be one of {', '.join(PRETRAINING_OBJECTIVES)}, not '{cfg.objective}'")
