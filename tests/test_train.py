@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vitlab
 from vitlab import VitlabError
 from vitlab.config import dump_config
 from vitlab.runs.rundir import load_weights
@@ -267,3 +268,18 @@ def test_bad_progressive_resize_is_one_clear_line(tmp_path, overrides, message):
     with pytest.raises(VitlabError, match=message):
         train(tiny_config(**overrides), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_layer_decay_scales_each_blocks_learning_rate(tmp_path):
+    from vitlab.train.trainer import build_optimisation
+    from vitlab.train.tasks import Classification
+
+    cfg = tiny_config(layer_decay=0.5)
+    model = vitlab.create_model(cfg.model, **cfg.model_args)
+    opt = build_optimisation(cfg, Classification(model, cfg, 10), model, steps_per_epoch=2)
+    opt.scheduler.step_update(2)  # past the warm-up: every group at lr times its scale
+    scales = sorted({g["lr_scale"] for g in opt.optimizer.param_groups})
+    depth = len(model.blocks)  # the stem, each block and the head are layers 0 .. depth + 1
+    assert scales == pytest.approx([0.5 ** k for k in range(depth + 1, -1, -1)])
+    for group in opt.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(opt.scheduler._get_lr(2)[0] * group["lr_scale"])

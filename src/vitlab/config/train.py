@@ -52,6 +52,9 @@ class Optim:
     warmup_lr: float = option(1e-6, **_non_negative, help="learning rate at the start of the warm-up")
     grad_clip: float | None = option(None, metavar="NORM", **_positive,
                                      help="clip the gradient norm to this value (none: no clipping)")
+    layer_decay: float | None = option(None, metavar="D", check=lambda v: 0 < v <= 1, must="be in (0, 1]",
+                                       help="layer-wise learning-rate decay (timm's): block k of n trains at lr * "
+                                            "D^(n - k), the head at lr; 0.65-0.75 is MAE's and BEiT's fine-tuning")
 
 
 @dataclass

@@ -248,8 +248,11 @@ def build_run_model(cfg: TrainConfig, info: DatasetInfo, resume: bool, allow_pic
 def build_optimisation(cfg: TrainConfig, task: Task, model: nn.Module, steps_per_epoch: int) -> Optimisation:
     """timm's optimizer over the task's parameters, its warm-up + cosine schedule, and the weights' EMA."""
     sgd = cfg.optim.optimizer == "sgd"
+    if cfg.optim.layer_decay and not hasattr(task.module, "group_matcher"):
+        raise VitlabError(f"--layer-decay needs the model's layer groups (timm's group_matcher), which "
+                          f"{type(task.module).__name__} does not have; leave it off for --objective {cfg.objective}")
     optimizer = create_optimizer_v2(task.module, "momentum" if sgd else "adamw", lr=cfg.optim.lr,
-                                    weight_decay=cfg.optim.weight_decay,
+                                    weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
                                     **({"momentum": cfg.optim.momentum} if sgd else {}))
     scheduler = CosineLRScheduler(
         optimizer,
