@@ -375,3 +375,35 @@ def test_feature_reuse_refuses_one_model_name_built_with_other_options():
     assert not same_parameter_shapes(narrow.model, wide.model)
     with pytest.raises(VitlabError, match="different model options"):
         feature_reuse(narrow, wide, [(torch.rand(4, 3, 32, 32), torch.zeros(4))])
+
+
+def test_rollout_is_the_product_of_the_captured_attention():
+    from vitlab.analysis.catalog import REGISTRY
+    from vitlab.analysis.heads import attention_rollout
+    from vitlab.analysis.subjects import subject_from_name
+    from vitlab.analysis.suite import analysis_options, run_analyses
+    from vitlab.capture import Capture, Store
+
+    torch.manual_seed(0)
+    vit, cnn = subject_from_name("vit_nano_patch4_32", depth=3), subject_from_name("resnet20_cifar")
+    images = torch.rand(2, 8, 3, 32, 32)
+    out = run_analyses([vit, cnn], list(images), ["rollout"], progress=False,
+                       options=analysis_options(rollout_residual=0.3, rollout_examples=3))
+    result = out.results["rollout"][vit.name]
+    assert "rollout" in [a.name for a in REGISTRY] and set(out.results["rollout"]) == {vit.name}
+    assert any("rollout: not applicable to resnet20_cifar" in note for note in out.notes)
+    # by hand: the class token's row of the rollout of every layer, over the patches, averaged over images
+    maps = []
+    for batch in images:
+        store = Store()
+        with Capture(vit.model, attention=vit.anatomy.attention, on_attention=store), torch.no_grad():
+            vit.model(vit.prepare(batch))
+        rolled = attention_rollout([store[site.name] for site in vit.anatomy.attention], residual=0.3)
+        row = rolled[:, 0, 1:]
+        maps.append(row / row.sum(1, keepdim=True))
+    maps = torch.cat(maps)
+    np.testing.assert_allclose(result.mean_map, maps.mean(0).view(8, 8).numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.example_maps, maps[:3].view(3, 8, 8).numpy(), rtol=0, atol=1e-12)
+    entropy = (-(maps * maps.log()).sum(1) / np.log(64)).mean().item()
+    assert result.entropy == pytest.approx(entropy, abs=1e-12) and 0 < result.entropy <= 1
+    assert result.example_images.shape == (3, 3, 32, 32) and result.num_images == 16
