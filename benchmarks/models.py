@@ -123,7 +123,8 @@ def time_infer(model: nn.Module, min_seconds: float) -> float:
     return INFER_BATCH / _seconds_per_step(step, min_seconds, min_steps=1)
 
 
-def measure(models: list[nn.Module], rounds: int, min_seconds: float) -> tuple[list[tuple[float, float]], tuple[float, float] | None]:
+def measure(models: list[nn.Module], rounds: int,
+            min_seconds: float) -> tuple[list[tuple[float, float]], tuple[float, float] | None]:
     """Median (train, infer) images/s of each model, and for a pair the median per-round speed ratios.
 
     Rounds alternate the order (A B, B A, ...) and each ratio compares measurements taken seconds
@@ -147,7 +148,8 @@ def measure(models: list[nn.Module], rounds: int, min_seconds: float) -> tuple[l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="*", help="shell pattern of vitlab model names (default all)")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds for models with a reference (default 4)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds for models with a reference (default 4)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
     parser.add_argument("--markdown", type=Path, help="also write the table to this Markdown file")
     parser.add_argument("--update", action="store_true",

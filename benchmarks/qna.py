@@ -52,7 +52,10 @@ class SlidingWindowSelfAttention(nn.Module):
         b, h, w, c = x.shape
         nh, hd, k = self.num_heads, self.head_dim, self.kernel_size
         q, key, v = self.qkv(x).chunk(3, dim=-1)
-        unfold = lambda t: F.unfold(t.permute(0, 3, 1, 2), k, padding=k // 2).view(b, nh, hd, k * k, h * w)
+
+        def unfold(t):
+            return F.unfold(t.permute(0, 3, 1, 2), k, padding=k // 2).view(b, nh, hd, k * k, h * w)
+
         inside = F.unfold(x.new_ones(1, 1, h, w), k, padding=k // 2).view(1, 1, k * k, h * w) > 0
         q = q.reshape(b, h * w, nh, hd).permute(0, 2, 3, 1).unsqueeze(3)  # b, nh, hd, 1, L
         logits = (q * unfold(key)).sum(2) * hd**-0.5  # b, nh, k*k, L
@@ -115,7 +118,8 @@ def main() -> None:
     for shape in SHAPES:
         rows = {}
         for layer in LAYERS:
-            cmd = [sys.executable, __file__, "--batch", str(args.batch), "--steps", str(args.steps), "--one", layer, shape]
+            cmd = [sys.executable, __file__, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--one", layer, shape]
             rows[layer] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         ref = rows["qna"]
         for layer, r in rows.items():

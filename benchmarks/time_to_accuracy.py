@@ -80,7 +80,8 @@ class Run:
 #: light regularisation: crop and flip, label smoothing, no Mixup/CutMix, RandAugment or stochastic
 #: depth, a one-epoch warm-up and a cosine to zero. (Batch 64 was tried for CCT and lost: 78.0%
 #: against 79.2% at batch 128 in the same time.)
-CCT_SHORT = dict(model="cct_4_3x2_32", lr=1.5e-3, warmup_epochs=1, weight_decay=0.05, model_args={"attn_drop_rate": 0.0},
+CCT_SHORT = dict(model="cct_4_3x2_32", lr=1.5e-3, warmup_epochs=1, weight_decay=0.05,
+                 model_args={"attn_drop_rate": 0.0},
                  min_lr=0.0, drop_path=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0,
                  **{"data.randaugment": "none", "data.augment": "crop-flip"})
 #: CCT-4 with the tokenizer BatchNorm and the wider MLP: the model of the best runs, shared by their variants.
@@ -201,7 +202,8 @@ def table(rows: list[tuple[str, Run, TrainConfig, list[dict], int]]) -> str:
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for key, run, cfg, metrics, params in rows:
         best = max(m["val_acc"] for m in metrics)
-        cells = [key, cfg.model, f"{params / 1e6:.2f}M", f"{run.budget_min:.0f}", str(len(metrics)), f"{metrics[-1]['time_s'] / 60:.1f}",
+        cells = [key, cfg.model, f"{params / 1e6:.2f}M", f"{run.budget_min:.0f}", str(len(metrics)),
+                 f"{metrics[-1]['time_s'] / 60:.1f}",
                  f"{best:.2%}", f"{metrics[-1]['val_acc']:.2%}", within_budget(metrics, run.budget_min),
                  f"{metrics[-1]['val_acc_flip']:.2%}" if "val_acc_flip" in metrics[-1] else "-"]
         for t in THRESHOLDS:
@@ -219,7 +221,7 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, run, cfg, metrics, params in rows:
+    for key, _run, cfg, metrics, params in rows:
         ax.plot([m["time_s"] / 60 for m in metrics], [100 * m["val_acc"] for m in metrics], marker="o",
                 markersize=3, label=f"{key}: {cfg.model} ({params / 1e6:.2f}M), {len(metrics)} epochs")
     for level, style, text in ((85, "--", "goal: 85% in 30 min"), (81, ":", "a plain script's 81% in 25 min")):
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               f"final val acc {metrics[-1]['val_acc']:.2%}", flush=True)
     text = table(rows)
     print(text)
-    for key, run, cfg, metrics, params in rows:
+    for key, run, _cfg, _metrics, _params in rows:
         print(f"- {key}: {run.command(args.data, args.num_workers, out / key)}")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n", encoding="utf-8")

@@ -83,7 +83,8 @@ def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "vitlab", "models", "no_such_model*"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "vitlab: error: no model matches 'no_such_model*'; run `vitlab models` to list them all"
+    assert proc.stderr.strip() == ("vitlab: error: no model matches 'no_such_model*'; "
+                                   "run `vitlab models` to list them all")
 
 
 def test_image_size_the_patch_does_not_divide(tmp_path, cli):

@@ -121,7 +121,8 @@ def small_config(**overrides):
 
 def test_a_run_saves_the_trained_tables_and_loads_them_back(tmp_path, images):
     result = train(small_config(), tmp_path / "run", progress=False)
-    init, trained = load_file(str(tmp_path / "run" / "init.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    init, trained = (load_file(str(tmp_path / "run" / "init.safetensors")),
+                     load_file(str(tmp_path / "run" / "model.safetensors")))
     key = f"blocks.0.attn.{TABLE}"
     assert key in trained and not torch.equal(init[key], trained[key])  # trained, and saved
     subject = subject_from_run(tmp_path / "run")
@@ -135,7 +136,8 @@ def test_resumed_conv_init_run_equals_the_uninterrupted_one(tmp_path):
     train(cfg, tmp_path / "full", progress=False)
     train(cfg, tmp_path / "cut", progress=False, stop_after_epoch=0)
     train(cfg, tmp_path / "cut", progress=False, resume=True)
-    full, cut = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    full, cut = (load_file(str(tmp_path / "full" / "model.safetensors")),
+                 load_file(str(tmp_path / "cut" / "model.safetensors")))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
 
 
@@ -146,10 +148,12 @@ def run_cli(argv, capsys):
 
 
 @pytest.mark.parametrize("model, kernel, message", [
-    ("resnet20_cifar", "3", "conv init needs timm attention over a patch grid, and resnet20_cifar has none; use a vitlab ViT"),
+    ("resnet20_cifar", "3",
+     "conv init needs timm attention over a patch grid, and resnet20_cifar has none; use a vitlab ViT"),
     ("mixer_nano_patch8_32", "3", "and mixer_nano_patch8_32 has none"),
     ("vit_nano_patch4_32", "4", "conv_init is an odd kernel size such as 3"),
-    ("vit_nano_patch8_32", "5", "a 5x5 conv init does not fit the 4x4 patch grid of vit_nano_patch8_32; use a kernel size of at most 3"),
+    ("vit_nano_patch8_32", "5",
+     "a 5x5 conv init does not fit the 4x4 patch grid of vit_nano_patch8_32; use a kernel size of at most 3"),
 ])
 def test_bad_conv_init_is_one_line_before_any_run_is_written(tmp_path, capsys, model, kernel, message):
     out = tmp_path / "run"

@@ -250,7 +250,8 @@ def test_fit_size_resizes_only_images_of_another_size():
 def test_training_runs_on_a_messy_folder(messy, tmp_path):
     from vitlab.train import TrainConfig, train
 
-    cfg = TrainConfig.from_dict(dict(model="resnet20_cifar", epochs=1, batch_size=8, data=DataConfig(name=f"imagefolder:{messy}")))
+    cfg = TrainConfig.from_dict(dict(model="resnet20_cifar", epochs=1, batch_size=8,
+                                     data=DataConfig(name=f"imagefolder:{messy}")))
     with pytest.warns(UserWarning, match="skipped 3 of"):
         result = train(cfg, tmp_path / "run", progress=False)
     assert len(result.metrics) == 1 and np.isfinite(result.metrics[0]["train_loss"])

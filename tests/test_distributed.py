@@ -17,7 +17,8 @@ TRAIN = ["train", "--model", "vit_nano_patch4_32", "--epochs", "2", "--batch-siz
 
 def vitlab(args, world_size: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "vitlab"] if world_size == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}", "-m", "vitlab"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+         "-m", "vitlab"]
     # one thread per process in both cases, as torchrun sets it, so only the world size differs
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(launcher + list(map(str, args)), capture_output=True, text=True, env=env, timeout=300)

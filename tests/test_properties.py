@@ -209,7 +209,8 @@ train_configs = st.builds(
     eval_batch_size=st.integers(1, 4096),
     checkpoint=st.builds(Checkpoints, every=st.integers(0, 10**6), keep=st.integers(1, 100)),
     accel=st.builds(Accel, precision=st.sampled_from(["fp32", "bf16", "auto"]), compile=st.booleans(),
-                    channels_last=st.sampled_from(["auto", "on", "off"]), device=st.sampled_from(["auto", "cpu", "cuda"])),
+                    channels_last=st.sampled_from(["auto", "on", "off"]),
+                    device=st.sampled_from(["auto", "cpu", "cuda"])),
 )
 
 

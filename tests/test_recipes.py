@@ -38,9 +38,11 @@ def test_every_family_has_a_recipe_that_builds():
 
 def test_the_cct_recipe_is_the_papers():
     cfg = load_recipe("cct")
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.batch_size, cfg.epochs, cfg.optim.warmup_epochs) == (5.5e-4, 0.06, 128, 300, 10)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.batch_size, cfg.epochs,
+            cfg.optim.warmup_epochs) == (5.5e-4, 0.06, 128, 300, 10)
     assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.drop_path) == (0.8, 1.0, 0.1, 0.1)
-    assert (cfg.data.randaugment, cfg.data.augment, cfg.data.crop_scale) == ("rand-m9-mstd0.5", "resized-crop-flip", 0.8)
+    assert (cfg.data.randaugment, cfg.data.augment,
+            cfg.data.crop_scale) == ("rand-m9-mstd0.5", "resized-crop-flip", 0.8)
     assert cfg.ema_decay > 0
 
 
@@ -88,7 +90,8 @@ def test_mixup_and_cutmix_change_training_and_resume_exactly(tmp_path):
 
 def test_ema_is_a_moving_average_of_the_weights(tmp_path):
     run = train(tiny(ema_decay=0.9), tmp_path / "run", progress=False)
-    model, ema, init = weights(run.run_dir), weights(run.run_dir, "model_ema.safetensors"), weights(run.run_dir, "init.safetensors")
+    model, ema, init = (weights(run.run_dir), weights(run.run_dir, "model_ema.safetensors"),
+                        weights(run.run_dir, "init.safetensors"))
     key = "blocks.0.mlp.fc1.weight"
     # an average of the path from init to the final weights: off the final weights, but closer to them than init is
     assert not torch.equal(model[key], ema[key])

@@ -93,7 +93,8 @@ def test_every_analysis_runs_and_reaches_the_report(subjects, tmp_path):
     from vitlab.analysis.suite import analysis_options
 
     g = torch.Generator().manual_seed(1)
-    labelled = DataLoader(TensorDataset(torch.rand(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
+    labelled = DataLoader(TensorDataset(torch.rand(32, 3, 32, 32, generator=g),
+                                        torch.randint(0, 10, (32,), generator=g)),
                           batch_size=16)
     options = analysis_options(probe_images=32, robustness_images=16, erf_images=16, featvis_steps=3, featvis_layers=1,
                               featvis_units=2, shuffle_grids=(1, 4))

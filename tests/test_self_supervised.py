@@ -92,8 +92,8 @@ def test_mae_lowers_the_reconstruction_loss(tmp_path):
     from vitlab.data import build_dataset
     from vitlab.runs import build_model
 
-    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="mae", epochs=2, batch_size=32, lr=2e-3,
-                      warmup_epochs=0.2, model_args={"depth": 2}, data=DataConfig(num_train=384, num_val=64)))
+    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="mae", epochs=2, batch_size=32,
+                      lr=2e-3, warmup_epochs=0.2, model_args={"depth": 2}, data=DataConfig(num_train=384, num_val=64)))
     result = train(cfg, tmp_path / "mae", progress=False)
     val, _ = build_dataset(result.config.data, "val", seed=cfg.seed)
     torch.manual_seed(0)
@@ -166,8 +166,9 @@ def test_dino_temperature_warms_up():
 
 
 def test_dino_resumes_exactly(tmp_path):
-    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="dino", epochs=2, batch_size=16, checkpoint_every=1,
-                      drop_path=0.1, model_args={"depth": 2}, data=DataConfig(num_train=48, num_val=16)))
+    cfg = TrainConfig.from_dict(dict(model="vit_nano_patch8_sincos_32", objective="dino", epochs=2, batch_size=16,
+                      checkpoint_every=1, drop_path=0.1, model_args={"depth": 2},
+                      data=DataConfig(num_train=48, num_val=16)))
     train(cfg, tmp_path / "full", progress=False)
     train(cfg, tmp_path / "cut", progress=False, stop_after_step=4)  # mid-epoch 2 (3 steps an epoch)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
@@ -198,7 +199,8 @@ def test_pretrain_mae_on_shapes_then_finetune(tmp_path, capsys):
     assert main(["finetune", str(run), *TINY, "--out", str(tmp_path / "ft")]) == 0
     assert read_config(tmp_path / "ft").objective == "supervised"
     tuned = load_file(str(tmp_path / "ft" / "model.safetensors"))
-    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], load_file(str(run / "model.safetensors"))["blocks.0.attn.qkv.weight"])
+    pretrained = load_file(str(run / "model.safetensors"))
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
 
 
 def test_pretrain_dino_on_an_image_folder(tmp_path, folder):

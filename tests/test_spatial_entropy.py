@@ -59,7 +59,8 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_a_model_without_attention_is_one_line():
-    with pytest.raises(VitlabError, match="spatial entropy needs attention over a token grid, and resnet20_cifar has none"):
+    with pytest.raises(VitlabError,
+                       match="spatial entropy needs attention over a token grid, and resnet20_cifar has none"):
         SpatialEntropyProbe(create_model("resnet20_cifar"), "resnet20_cifar")
 
 
@@ -100,8 +101,8 @@ def test_training_with_the_regulariser(tmp_path):
     regularised = train(TrainConfig.from_dict(dict(**base, spatial_entropy=0.01)), tmp_path / "se", progress=False)
     assert "spatial_entropy" in regularised.metrics[-1] and "spatial_entropy" not in plain.metrics[-1]
     assert not torch.equal(plain.model.blocks[1].attn.qkv.weight, regularised.model.blocks[1].attn.qkv.weight)
-    variant = train(TrainConfig.from_dict(dict(**base, spatial_entropy=0.01, last_attention_skip=False)), tmp_path / "variant",
-                    progress=False)
+    variant = train(TrainConfig.from_dict(dict(**base, spatial_entropy=0.01, last_attention_skip=False)),
+                    tmp_path / "variant", progress=False)
     from vitlab.analysis.subjects import subject_from_run
 
     assert subject_from_run(variant.run_dir).model.blocks[-1].norm2.__class__.__name__ == "Identity"

@@ -271,8 +271,8 @@ def test_bad_progressive_resize_is_one_clear_line(tmp_path, overrides, message):
 
 
 def test_layer_decay_scales_each_blocks_learning_rate(tmp_path):
-    from vitlab.train.trainer import build_optimisation
     from vitlab.train.tasks import Classification
+    from vitlab.train.trainer import build_optimisation
 
     cfg = tiny_config(layer_decay=0.5)
     model = vitlab.create_model(cfg.model, **cfg.model_args)

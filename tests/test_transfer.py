@@ -17,7 +17,8 @@ from vitlab.train.transfer import prepare_transfer
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     out = tmp_path_factory.mktemp("src") / "resnet"
-    cfg = TrainConfig.from_dict(dict(model="resnet20_cifar", epochs=1, batch_size=16, data=DataConfig(num_train=64, num_val=32)))
+    cfg = TrainConfig.from_dict(dict(model="resnet20_cifar", epochs=1, batch_size=16,
+                                     data=DataConfig(num_train=64, num_val=32)))
     return train(cfg, out, progress=False).run_dir
 
 
@@ -75,7 +76,8 @@ def test_too_many_blocks_is_one_line(source):
 
 def test_cli_finetune(source, folder, tmp_path):
     done = subprocess.run([sys.executable, "-m", "vitlab", "finetune", str(source), "--data", f"imagefolder:{folder}",
-                           "--finetune-mode", "linear", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "ft")],
+                           "--finetune-mode", "linear", "--epochs", "1", "--batch-size", "8",
+                           "--out", str(tmp_path / "ft")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "val acc" in done.stdout

@@ -17,19 +17,18 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
-from .analysis.subjects import Subject, load_subject, subject_from_run
 from .analysis.registry import AnalysisResults, RunOptions
+from .analysis.subjects import Subject, load_subject, subject_from_run
 from .analysis.suite import check_analyses, run_analyses
 from .analysis.supervision import is_self_supervised
+from .config import Optim, TrainConfig
 from .data import DataConfig, build_dataset
 from .errors import VitlabError
 from .io import timestamp
 from .models import check_model_name
 from .report.html import ReportMeta, write_report
 from .runs import INIT_WEIGHTS, WEIGHTS, read_config
-from .config import Optim, TrainConfig
 from .train import train
-
 
 _RUN = RunOptions()  # the declared defaults of --analysis-images and --analysis-batch-size
 

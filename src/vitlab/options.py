@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .errors import VitlabError, closest_names
 
-__all__ = ["Leaf", "Spec", "add_arguments", "check_values", "from_dict", "given", "leaves", "merged", "option", "section",
-           "to_dict", "valid_keys"]
+__all__ = ["Leaf", "Spec", "add_arguments", "check_values", "from_dict", "given", "leaves", "merged", "option",
+           "section", "to_dict", "valid_keys"]
 
 
 @dataclass(frozen=True)

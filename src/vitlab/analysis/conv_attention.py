@@ -50,12 +50,14 @@ class PatchSelfAttention(nn.Module):
     offset (timm's Swin/BEiT-style table over every offset of the padded grid).
 
     Args:
-        in_chans, out_chans: channels C of the input and D of the output image.
+        in_chans: channels C of the input image.
+        out_chans: channels D of the output image.
         patch_size: patch side P; H and W must be multiples of it.
         grid_size: (rows, cols) of the image's patch grid (H / P, W / P), which sizes the bias table.
         num_heads: heads.
         padding: rings of padding tokens around the grid.
-        qk_dim, v_dim: per-head query/key and value widths (default: one patch, C*P*P).
+        qk_dim: per-head query/key width (default: one patch, C*P*P).
+        v_dim: per-head value width (default: one patch, C*P*P).
         bias: whether the output projection has a bias.
     """
 
@@ -239,7 +241,8 @@ def conv_attention_error(conv: nn.Conv2d, patch_size: int, image_size: int = 16,
     attn = layer.attention(x)[0, :, query]  # heads, padded tokens
     pad, side = layer.padding, g + 2 * layer.padding
     centre_r, centre_c = g // 2 + pad, g // 2 + pad
-    maps = attn.view(layer.num_heads, side, side)[:, centre_r - pad:centre_r + pad + 1, centre_c - pad:centre_c + pad + 1]
+    maps = attn.view(layer.num_heads, side, side)[:, centre_r - pad:centre_r + pad + 1,
+                                                  centre_c - pad:centre_c + pad + 1]
     return ConvAttentionResult(tuple(conv.kernel_size), patch_size, layer.num_heads, error, maps.double().cpu().numpy())
 
 

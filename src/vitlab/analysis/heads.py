@@ -261,7 +261,8 @@ class HeadsResult:
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({
-            "model": self.model, "layers": self.layers, "rule": {"local_mass": LOCAL_MASS, "offset_share": OFFSET_SHARE},
+            "model": self.model, "layers": self.layers,
+            "rule": {"local_mass": LOCAL_MASS, "offset_share": OFFSET_SHARE},
             "labels": self.labels(), "offsets": self.offsets(), "entropy": self.entropy,
             "label_counts": self.counts(), "aligned": self.aligned,
         })

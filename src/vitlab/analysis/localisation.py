@@ -57,7 +57,8 @@ class Localisation:
 
     def __init__(self, grid: tuple[int, int], patch_size: tuple[int, int], prefix_tokens: int,
                  layout: str | None = None) -> None:
-        self.grid, self.patch_size, self.prefix_tokens, self.layout = tuple(grid), tuple(patch_size), prefix_tokens, layout
+        self.grid, self.patch_size, self.prefix_tokens, self.layout = (tuple(grid), tuple(patch_size), prefix_tokens,
+                                                                       layout)
         positions = [f"{r},{c}" for r in range(grid[0]) for c in range(grid[1])]
         self.cka = MinibatchCKA(positions, positions)
 

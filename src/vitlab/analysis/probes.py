@@ -181,7 +181,8 @@ class LayerProbes:
         labels = [layer.label for layer in self.layers]
         acc: dict[str, list[float]] = {}
         for kind in READOUTS:
-            row = [self._ridge[(layer.name, kind)] if (layer.name, kind) in self._ridge else None for layer in self.layers]
+            row = [self._ridge[(layer.name, kind)] if (layer.name, kind) in self._ridge else None
+                   for layer in self.layers]
             if any(s is not None and s.seen for s in row):
                 acc[f"ridge/{kind}"] = [s.correct / s.seen if s is not None and s.seen else float("nan") for s in row]
         acc["knn"] = [self._knn[layer.name][0] / self._knn[layer.name][1] if layer.name in self._knn else float("nan")

@@ -22,7 +22,7 @@ Each test gives accuracy against its level; :class:`RobustnessResult` draws one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -133,13 +133,17 @@ def robustness(
     for images, labels in tqdm(loader, desc=f"robustness of {subject.name}", disable=not progress, leave=False,
                                unit="batch"):
         labels = labels.long()
-        predict: Callable[[Tensor], Tensor] = lambda x: model(subject.prepare(x)).argmax(1)
+
+        def predict(x: Tensor) -> Tensor:
+            return model(subject.prepare(x)).argmax(1)
+
         if "random" in tests:
             for i, frac in enumerate(levels["random"]):
                 n = int(round(frac * 10)) * grid * grid // 10
                 scores = torch.rand(images.shape[0], grid * grid, generator=gen)
                 drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, scores.argsort(1)[:, :n], True)
-                correct["random"][i] += (predict(drop_patches(images, drop.view(-1, grid, grid))) == labels).sum().item()
+                dropped = drop_patches(images, drop.view(-1, grid, grid))
+                correct["random"][i] += (predict(dropped) == labels).sum().item()
         if "salient" in tests or "non_salient" in tests:
             saliency = cls_saliency(saliency_from, images)
             for test in ("salient", "non_salient"):

@@ -67,7 +67,8 @@ GEIRHOS_CATEGORIES: dict[str, tuple[int, ...]] = {
 def imagenet_to_16(probabilities: Tensor) -> Tensor:
     """(B, 1000) ImageNet probabilities -> (B,) index into ``sorted(GEIRHOS_CATEGORIES)`` (mean aggregation)."""
     if probabilities.ndim != 2 or probabilities.shape[1] != 1000:
-        raise VitlabError(f"the 16-class mapping takes ImageNet-1k probabilities (B, 1000), got {tuple(probabilities.shape)}")
+        raise VitlabError(f"the 16-class mapping takes ImageNet-1k probabilities (B, 1000), "
+                          f"got {tuple(probabilities.shape)}")
     means = torch.stack([probabilities[:, list(idx)].mean(1) for idx in GEIRHOS_CATEGORIES.values()], dim=1)
     return means.argmax(1)
 
@@ -100,7 +101,8 @@ def conflict_batches(num_images: int, image_size: int = 32, batch_size: int = 25
 
     for k, start in enumerate(range(0, num_images, batch_size)):
         n = min(batch_size, num_images - start)
-        arrays = render_shapes(ShapesConfig(num_images=n, image_size=image_size, seed=seed + k, texture_mode="conflict"))
+        arrays = render_shapes(ShapesConfig(num_images=n, image_size=image_size, seed=seed + k,
+                                            texture_mode="conflict"))
         yield arrays.images.float() / 255, arrays.labels.long(), arrays.textures.long()
 
 
@@ -120,7 +122,8 @@ def shapes_shape_bias(subject, loader: Iterable | None = None, num_images: int =
     size = (subject.anatomy.image_size or (32, 32))[0]
     loader = loader or conflict_batches(num_images, image_size=size, batch_size=batch_size)
     counts = np.zeros(4, dtype=np.int64)
-    for images, shapes, textures in tqdm(loader, desc=f"shape bias of {subject.name}", disable=not progress, leave=False):
+    for images, shapes, textures in tqdm(loader, desc=f"shape bias of {subject.name}", disable=not progress,
+                                         leave=False):
         decisions = subject.model(subject.prepare(images)).argmax(1)
         counts += _score(decisions, shapes, textures)
     return ShapeBiasResult(subject.name, "shapes", *counts.tolist(), trained_on=trained_on)
@@ -141,7 +144,8 @@ def geirhos_stimuli(folder: str | Path) -> list[tuple[Path, int, int]]:
         if match and match.group(1) in GEIRHOS_CATEGORIES and match.group(2) in GEIRHOS_CATEGORIES:
             out.append((path, names.index(match.group(1)), names.index(match.group(2))))
     if not out:
-        raise VitlabError(f"no cue-conflict images named like 'cat1-elephant2.png' (16 Geirhos categories) in '{folder}'")
+        raise VitlabError(f"no cue-conflict images named like 'cat1-elephant2.png' (16 Geirhos categories) "
+                          f"in '{folder}'")
     return out
 
 
@@ -158,7 +162,8 @@ def geirhos_shape_bias(subject, folder: str | Path, batch_size: int = 32, progre
                       leave=False):
         chunk = stimuli[start:start + batch_size]
         images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize(size[::-1]),
-                                                          dtype=np.float32) / 255).permute(2, 0, 1) for p, _, _ in chunk])
+                                                          dtype=np.float32) / 255).permute(2, 0, 1)
+                              for p, _, _ in chunk])
         probs = subject.model(subject.prepare(images)).softmax(1)
         counts += _score(imagenet_to_16(probs), torch.tensor([s for _, s, _ in chunk]),
                          torch.tensor([t for _, _, t in chunk]))

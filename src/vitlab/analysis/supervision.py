@@ -84,7 +84,7 @@ class SupervisionComparison:
         for run, (depth, acc) in self.best_knn().items():
             parts.append(f"{run} ({self.supervision[run]}) has its best k-NN features at {depth:.0%} of its depth "
                          f"({acc:.1%}; last layer {self.knn[run][1][-1]:.1%})")
-        for run, (depth, dist) in self.attention.items():
+        for run, (_depth, dist) in self.attention.items():
             parts.append(f"{run}'s mean attention distance goes from {dist[0]:.1f} px in the first block "
                          f"to {dist[-1]:.1f} px in the last")
         return "; ".join(parts) + "." if parts else ""
@@ -112,7 +112,8 @@ class SupervisionComparison:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
 
 
-def compare_supervision(supervision: dict[str, str], results: dict[str, dict[str, Any]]) -> SupervisionComparison | None:
+def compare_supervision(supervision: dict[str, str],
+                        results: dict[str, dict[str, Any]]) -> SupervisionComparison | None:
     """Gather the comparison from the suite's ``results`` (``{analysis: {model: result}}``) for the
     runs named in ``supervision``; ``None`` unless at least two kinds of supervision are present."""
     if len(set(supervision.values())) < 2:

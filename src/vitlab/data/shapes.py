@@ -203,7 +203,8 @@ def _random_palette(n: int, cfg: ShapesConfig, g: torch.Generator) -> tuple[torc
     bg_level = 0.15 + 0.7 * torch.rand(n, generator=g)
     gap = _uniform(n, cfg.brightness_gap, g)
     up = torch.rand(n, generator=g) < 0.5
-    up = torch.where(bg_level + gap > 0.95, torch.zeros_like(up), torch.where(bg_level - gap < 0.05, torch.ones_like(up), up))
+    up = torch.where(bg_level + gap > 0.95, torch.zeros_like(up),
+                     torch.where(bg_level - gap < 0.05, torch.ones_like(up), up))
     obj_level = torch.where(up, bg_level + gap, bg_level - gap)
 
     def colours(level: torch.Tensor, contrast: tuple[float, float]) -> torch.Tensor:

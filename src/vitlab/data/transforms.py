@@ -2,8 +2,8 @@
 
 ``crop-flip`` is the classic CIFAR recipe (pad by 1/8 of the side, random crop back, horizontal
 flip); ``resized-crop-flip`` takes a random crop of ``crop_scale``-1 of the area at an aspect ratio
-of 3/4-4/3, resized back, and flips (the CCT recipe's, with scale 0.8-1). RandAugment is timm's, switched on by its config string (e.g. ``rand-m9-mstd0.5``, the
-CCT recipe's). Evaluation only resizes (if needed) and normalises.
+of 3/4-4/3, resized back, and flips (the CCT recipe's, with scale 0.8-1). RandAugment is timm's, switched on by its
+config string (e.g. ``rand-m9-mstd0.5``, the CCT recipe's). Evaluation only resizes (if needed) and normalises.
 
 Every transform starts with :class:`FitSize`: an image whose size differs from the target is
 resized (shorter side) and centre-cropped to it, one image at a time, so a folder with a few
@@ -124,7 +124,8 @@ def build_transform(
         try:
             steps.append(rand_augment_transform(randaugment, hparams))
         except (AssertionError, ValueError, KeyError) as e:
-            raise VitlabError(f"bad RandAugment config '{randaugment}' ({e}); use timm's format, e.g. 'rand-m9-mstd0.5'") from None
+            raise VitlabError(f"bad RandAugment config '{randaugment}' ({e}); "
+                              "use timm's format, e.g. 'rand-m9-mstd0.5'") from None
     steps.append(T.ToTensor())
     if normalize:
         steps.append(T.Normalize(mean, std))

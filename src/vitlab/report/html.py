@@ -106,8 +106,8 @@ def render_html(subjects: Sequence[Subject], analysis: AnalysisResults, meta: Re
              + (f" &middot; total time {meta.timings['total']:.0f} s" if "total" in meta.timings else "") + "</p>"]
 
     # --- models table ---------------------------------------------------------------------------
-    head = ("<tr><th>model</th><th>family</th><th>source</th><th>supervision</th><th>parameters</th><th>val. accuracy</th>"
-            "<th>epochs</th><th>training time</th><th>train images/s</th></tr>")
+    head = ("<tr><th>model</th><th>family</th><th>source</th><th>supervision</th><th>parameters</th>"
+            "<th>val. accuracy</th><th>epochs</th><th>training time</th><th>train images/s</th></tr>")
     body = "".join(
         f"<tr><td>{_fmt(r['name'], '')}</td><td>{_fmt(r['family'], '')}</td><td>{_fmt(r['source'], '')}</td>"
         f"<td>{_fmt(r['supervision'] or None, '')}</td>"

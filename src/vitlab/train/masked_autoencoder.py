@@ -67,7 +67,8 @@ class MaskedAutoencoder(PretrainingObjective):
         self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
                                               for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size[0] * self.patch_size[1] * vit.patch_embed.proj.in_channels)
+        self.decoder_pred = nn.Linear(decoder_dim,
+                                      self.patch_size[0] * self.patch_size[1] * vit.patch_embed.proj.in_channels)
         trunc_normal_(self.mask_token, std=0.02)
         for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(module, nn.Linear):

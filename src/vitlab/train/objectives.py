@@ -95,7 +95,8 @@ class PretrainingObjective(nn.Module, Task):
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise VitlabError(f"the checkpoint's pretraining state does not fit this run "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by another version?")
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                              f"was it written by another version?")
 
     @torch.inference_mode()
     def validate(self, loader: Iterable, device: torch.device | str = "cpu") -> tuple[float, float]:

@@ -76,8 +76,9 @@ class SpatialEntropyProbe:
         except VitlabError:
             sites = []
         if not sites:
-            raise VitlabError(f"spatial entropy needs attention over a token grid, and {model_name or type(model).__name__} "
-                              "has none; use a ViT, CCT, CvT, T2T-ViT, DHVT or QnA-ViT (vitlab models)")
+            raise VitlabError(f"spatial entropy needs attention over a token grid, and "
+                              f"{model_name or type(model).__name__} has none; "
+                              "use a ViT, CCT, CvT, T2T-ViT, DHVT or QnA-ViT (vitlab models)")
         self.model, self.site = model, sites[-1]
         self._logits: torch.Tensor | None = None
         self._handles: list = []
