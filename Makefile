@@ -7,13 +7,21 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup clean
+.PHONY: demo test docs setup clean
 
 demo: setup
 	$(BIN)/vitlab compare
 
+# The tests, and the checks CI runs with them: the layer contract (import-linter, in pyproject.toml),
+# ruff, and the documentation built in strict mode (a broken reference fails).
 test: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q
+
+docs: setup
+	$(BIN)/mkdocs serve
 
 setup: $(VENV)/.installed
 
@@ -24,4 +32,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build
