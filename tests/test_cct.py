@@ -20,8 +20,8 @@ REFERENCE_COUNTS = [
     ("cct_7_3x2_32", 10, 3_853_259),
     ("cct_7_7x2_224", 102, 4_573_735),
     ("cct_14_7x2_224", 1000, 22_367_273),
-    ("vit_lite_7_4_32", 10, 3_716_874),  # ViT-Lite-7/4
-    ("vit_lite_seqpool_7_4_32", 10, 3_716_619),  # the paper's CVT-7/4
+    ("vit_lite_7_patch4_32", 10, 3_716_874),  # ViT-Lite-7/4
+    ("vit_lite_seqpool_7_patch4_32", 10, 3_716_619),  # the paper's CVT-7/4
 ]
 CCT_NAMES = ["cct_2_3x2_32", "cct_4_3x2_32", "cct_6_3x1_32", "cct_6_3x2_32", "cct_7_3x1_32", "cct_7_3x2_32",
              "cct_7_7x2_224", "cct_14_7x2_224", "cct_14_7x2_384"]
@@ -45,7 +45,7 @@ def test_reference_parameter_counts(name, classes, expected):
 def test_every_name_is_registered_with_a_sine_variant():
     names = vitlab.list_models("cct_*")
     assert sorted(names) == sorted(CCT_NAMES + [n + "_sine" for n in CCT_NAMES])
-    assert {"vit_lite_7_4_32", "vit_lite_seqpool_7_4_32"} <= set(vitlab.list_models("vit_lite*"))
+    assert {"vit_lite_7_patch4_32", "vit_lite_seqpool_7_patch4_32"} <= set(vitlab.list_models("vit_lite*"))
     assert not vitlab.list_models("cvt_7*")  # no name to confuse with CvT (Wu et al.)
 
 
@@ -99,12 +99,12 @@ def test_architecture_details():
     blk = model.blocks[0]
     assert blk.attn.qkv.bias is None and blk.attn.proj.bias is not None and blk.mlp.fc1.out_features == 512
     assert model.cls_token is None and model.attn_pool.out_features == 1
-    lite = create_model("vit_lite_7_4_32")
+    lite = create_model("vit_lite_7_patch4_32")
     assert lite.cls_token is not None and lite.attn_pool is None and lite.patch_embed.proj.bias is not None
 
 
-@pytest.mark.parametrize("name", NAMES_32 + [n + "_sine" for n in NAMES_32] + ["vit_lite_7_4_32",
-                                                                               "vit_lite_seqpool_7_4_32"])
+@pytest.mark.parametrize("name", NAMES_32 + [n + "_sine" for n in NAMES_32] + ["vit_lite_7_patch4_32",
+                                                                               "vit_lite_seqpool_7_patch4_32"])
 def test_forward_backward_32(name):
     model = create_model(name, num_classes=7)
     out = model(torch.randn(2, 3, 32, 32))
@@ -132,7 +132,7 @@ def test_shapes_and_classifier():
     assert model(x).shape == (2, 3)
     model.reset_classifier(0)
     assert model(x).shape == (2, 256)
-    lite = create_model("vit_lite_7_4_32")
+    lite = create_model("vit_lite_7_patch4_32")
     assert lite.forward_features(x).shape == (2, 65, 256)  # 8x8 patches + class token
 
 
@@ -192,8 +192,8 @@ ANATOMY = {
     "cct_2_3x2_32_sine": (3, (8, 8), 0, (4, 4), (32, 32)),
     "cct_7_7x2_224": (8, (14, 14), 0, (16, 16), (224, 224)),
     "cct_14_7x2_384": (15, (24, 24), 0, (16, 16), (384, 384)),
-    "vit_lite_7_4_32": (8, (8, 8), 1, (4, 4), (32, 32)),
-    "vit_lite_seqpool_7_4_32": (8, (8, 8), 0, (4, 4), (32, 32)),
+    "vit_lite_7_patch4_32": (8, (8, 8), 1, (4, 4), (32, 32)),
+    "vit_lite_seqpool_7_patch4_32": (8, (8, 8), 0, (4, 4), (32, 32)),
 }
 
 
@@ -211,7 +211,7 @@ def test_anatomy(name):
     assert all((s.grid, s.patch_size, s.prefix_tokens) == (grid, patch, prefix) for s in a.attention)
 
 
-@pytest.mark.parametrize("name", ["cct_2_3x2_32", "vit_lite_7_4_32"])
+@pytest.mark.parametrize("name", ["cct_2_3x2_32", "vit_lite_7_patch4_32"])
 def test_capture_materialises_fused_attention(name):
     model = create_model(name).eval()
     assert all(blk.attn.fused_attn for blk in model.blocks)  # built with fused attention
@@ -245,7 +245,7 @@ def test_wrong_input_size_is_refused():
     with pytest.raises(VitlabError, match=r"cct_7_3x1_32 takes 32x32 images, got 64x64"):
         create_model("cct_7_3x1_32")(torch.randn(1, 3, 64, 64))
     with pytest.raises(VitlabError, match=r"not divisible by the patch size 4"):
-        create_model("vit_lite_7_4_32", img_size=30)
+        create_model("vit_lite_7_patch4_32", img_size=30)
     assert create_model("cct_2_3x2_32", img_size=30)(torch.randn(1, 3, 30, 30)).shape == (1, 10)
 
 
@@ -270,7 +270,8 @@ def test_dynamic_img_size_resamples_the_position_embedding():
     assert torch.equal(dynamic(x), fixed(x))  # its own size: the table as it is
     # 24x24 gives a 6x6 grid: the same function as a 24x24 model holding timm's resampling of the 8x8 table.
     small = create_model("cct_4_3x2_32", img_size=24).eval()
-    state = dict(fixed.state_dict(), pos_embed=resample_abs_pos_embed(fixed.pos_embed.detach(), [6, 6], [8, 8], num_prefix_tokens=0))
+    resampled = resample_abs_pos_embed(fixed.pos_embed.detach(), [6, 6], [8, 8], num_prefix_tokens=0)
+    state = dict(fixed.state_dict(), pos_embed=resampled)
     small.load_state_dict(state)
     x = torch.randn(2, 3, 24, 24)
     assert torch.allclose(dynamic(x), small(x), atol=1e-6)
@@ -279,7 +280,8 @@ def test_dynamic_img_size_resamples_the_position_embedding():
     # Analyses feed it the size its anatomy's grid belongs to, as they do the fixed model.
     from vitlab.analysis.subjects import subject_from_name
 
-    assert subject_from_name("cct_4_3x2_32", dynamic_img_size=True).prepare(torch.rand(1, 3, 48, 48)).shape == (1, 3, 32, 32)
+    subject = subject_from_name("cct_4_3x2_32", dynamic_img_size=True)
+    assert subject.prepare(torch.rand(1, 3, 48, 48)).shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("size", [16, 24, 30, 40])
@@ -287,3 +289,20 @@ def test_tokenizer_grid_arithmetic_matches_its_output(size):
     tokenizer = create_model("cct_7_3x2_32", dynamic_img_size=True).patch_embed
     rows, cols = tokenizer.dynamic_feat_size((size, size + 8))
     assert tokenizer(torch.randn(1, 3, size, size + 8)).shape == (1, rows * cols, 256)
+
+
+def test_learned_position_embedding_is_weight_decayed_as_officially():
+    # The official models define no no_weight_decay and train with timm's create_optimizer_v2, which
+    # exempts only 1-D parameters: the (1, N, d) position embedding (and ViT-Lite's class token) decay.
+    from timm.optim import create_optimizer_v2
+
+    for name, token in (("cct_7_3x1_32", "pos_embed"), ("vit_lite_7_patch4_32", "cls_token")):
+        model = create_model(name)
+        assert model.no_weight_decay() == set()
+        optimizer = create_optimizer_v2(model, "adamw", lr=5.5e-4, weight_decay=0.06)
+        decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+        assert id(model.pos_embed) in decayed and id(getattr(model, token)) in decayed
+        assert id(model.norm.weight) not in decayed and id(model.head.bias) not in decayed
+    sine = create_model("cct_7_3x1_32_sine")
+    optimizer = create_optimizer_v2(sine, "adamw", lr=5.5e-4, weight_decay=0.06)
+    assert all(p is not sine.pos_embed for group in optimizer.param_groups for p in group["params"])  # frozen

@@ -231,3 +231,10 @@ def test_cvt_13_32_trains(tmp_path):
     cfg = TrainConfig(model="cvt_13_32", epochs=1, batch_size=16, data=DataConfig(num_train=32, num_val=16))
     result = train(cfg, tmp_path / "run", progress=False)
     assert len(result.metrics) == 1 and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_class_names_follow_the_papers_casing_and_the_old_ones_still_import():
+    from vitlab.models.cvt import CvT, CvTBlock, CvtBlock, CvTStage, CvtStage
+
+    assert (Cvt, CvtBlock, CvtStage) == (CvT, CvTBlock, CvTStage)
+    assert type(create_model("cvt_13_32")).__name__ == "CvT"

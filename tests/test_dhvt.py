@@ -14,15 +14,15 @@ from vitlab.train import DataConfig, TrainConfig, train
 
 # ../shared/reference/models.md (counted as sum(p.numel() for p in model.parameters())).
 REFERENCE_COUNTS = {
-    ("dhvt_tiny_p4_32", 100): 6_008_650,
-    ("dhvt_small_p2_32", 100): 22_766_698,
-    ("dhvt_small_p16_224", 1000): 24_040_606,
+    ("dhvt_tiny_patch4_32", 100): 6_008_650,
+    ("dhvt_small_patch2_32", 100): 22_766_698,
+    ("dhvt_small_patch16_224", 1000): 24_040_606,
 }
 # The other variants, pinned so that a change to a shared block cannot go unnoticed.
 OTHER_COUNTS = {
-    ("dhvt_tiny_p2_32", 100): 5_845_162,
-    ("dhvt_small_p4_32", 100): 23_425_450,
-    ("dhvt_tiny_p16_224", 1000): 6_267_334,
+    ("dhvt_tiny_patch2_32", 100): 5_845_162,
+    ("dhvt_small_patch4_32", 100): 23_425_450,
+    ("dhvt_tiny_patch16_224", 1000): 6_267_334,
 }
 
 
@@ -32,10 +32,10 @@ def test_parameter_counts(name, classes, expected):
 
 
 def test_default_config_is_the_papers():
-    assert timm.get_pretrained_cfg("dhvt_tiny_p4_32").num_classes == 100
-    assert timm.get_pretrained_cfg("dhvt_small_p16_224").input_size == (3, 224, 224)
+    assert timm.get_pretrained_cfg("dhvt_tiny_patch4_32").num_classes == 100
+    assert timm.get_pretrained_cfg("dhvt_small_patch16_224").input_size == (3, 224, 224)
     with torch.device("meta"):
-        model = create_model("dhvt_small_p2_32")
+        model = create_model("dhvt_small_patch2_32")
     assert model.num_classes == 100 and model.patch_embed.grid_size == (16, 16)
     assert [blk.attn.num_heads for blk in model.blocks] == [8] * 12
     # plain BatchNorm (SyncBatchNorm in the official code), no position embedding
@@ -55,7 +55,8 @@ def test_sope_structure(patch, widths, ends_with_gelu):
         SOPE(patch_size=6)
 
 
-@pytest.mark.parametrize("name", ["dhvt_tiny_p4_32", "dhvt_tiny_p2_32", "dhvt_small_p4_32", "dhvt_small_p2_32"])
+@pytest.mark.parametrize("name", ["dhvt_tiny_patch4_32", "dhvt_tiny_patch2_32", "dhvt_small_patch4_32",
+                                  "dhvt_small_patch2_32"])
 def test_forward_backward_32(name):
     # two blocks: the full depth only repeats them (the counts above check the full models)
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def test_forward_backward_32(name):
 
 
 def test_forward_backward_224_and_shapes():
-    model = create_model("dhvt_tiny_p16_224", depth=2)
+    model = create_model("dhvt_tiny_patch16_224", depth=2)
     x = torch.randn(2, 3, 224, 224)
     feats = model.forward_features(x)
     assert feats.shape == (2, 1 + 14 * 14, 192)
@@ -79,7 +80,7 @@ def test_forward_backward_224_and_shapes():
 
 
 def test_reset_classifier():
-    model = create_model("dhvt_tiny_p4_32", depth=1)
+    model = create_model("dhvt_tiny_patch4_32", depth=1)
     model.reset_classifier(5)
     assert model.get_classifier().out_features == 5
     model.reset_classifier(0)
@@ -87,7 +88,7 @@ def test_reset_classifier():
 
 
 def test_wrong_input_size_is_a_clear_error():
-    model = create_model("dhvt_tiny_p16_224", depth=1)
+    model = create_model("dhvt_tiny_patch16_224", depth=1)
     with pytest.raises(VitlabError, match="takes 224x224 images, got 32x32"):
         model(torch.randn(1, 3, 32, 32))
 
@@ -142,7 +143,7 @@ def test_daff_rescales_class_token_without_convolving_it():
 
 def test_anatomy():
     with torch.device("meta"):
-        model = create_model("dhvt_tiny_p4_32")
+        model = create_model("dhvt_tiny_patch4_32")
     a = anatomy(model)
     assert (a.family, len(a.layers), a.grid, a.prefix_tokens, a.patch_size, a.image_size) == (
         "dhvt", 13, (8, 8), 1, (4, 4), (32, 32))
@@ -153,7 +154,7 @@ def test_anatomy():
 
 def test_capture_layers_and_attention():
     torch.manual_seed(0)
-    model = create_model("dhvt_tiny_p4_32", depth=2).eval()
+    model = create_model("dhvt_tiny_patch4_32", depth=2).eval()
     assert all(blk.attn.fused_attn for blk in model.blocks)
     a = anatomy(model)
     x = torch.randn(2, 3, 32, 32)
@@ -188,7 +189,7 @@ def test_drop_path_rates_grow_linearly():
 
 
 def test_trains_one_epoch(tmp_path):
-    cfg = TrainConfig(model="dhvt_tiny_p4_32", model_args={"depth": 2}, epochs=1, batch_size=16,
+    cfg = TrainConfig(model="dhvt_tiny_patch4_32", model_args={"depth": 2}, epochs=1, batch_size=16,
                       data=DataConfig(num_train=32, num_val=16))
     result = train(cfg, tmp_path / "run", progress=False)
     assert len(result.metrics) == 1 and 0 <= result.val_acc <= 1

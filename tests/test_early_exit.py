@@ -238,3 +238,21 @@ def test_trainer_evaluate_takes_the_eval_mode_tensor(models):
     batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))]
     loss, acc = evaluate(models["early_exit_mixer_nano_patch4_32"], batches)
     assert loss > 0 and 0 <= acc <= 1
+
+
+def test_timm_protocol_is_the_backbones():
+    torch.manual_seed(0)
+    model = vitlab.create_model("early_exit_vit_nano_patch4_32").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(final, model.backbone.forward_features(x), rtol=0, atol=0)
+        assert [m.shape for m in maps] == [(2, 128, 8, 8)] * 2
+    assert model.group_matcher()["stem"].startswith(r"^backbone\.")
+    assert "backbone.cls_token" in model.no_weight_decay() and "branches.0.pos_embed" in model.no_weight_decay()
+    assert [info["module"] for info in model.feature_info][:2] == ["backbone.blocks.0", "backbone.blocks.1"]
+    # Pruning the backbone after block 3 keeps the exits after blocks 1-3 (and drops those after 4 and 5).
+    assert model.exit_names == [f"blocks.{i}" for i in range(5)]
+    model.prune_intermediate_layers([0, 2], prune_head=True)
+    assert model.exit_names == ["blocks.0", "blocks.1", "blocks.2"] and model.num_exits == 3
+    assert len(model.backbone.blocks) == 3 and model.num_classes == 0

@@ -57,7 +57,8 @@ def _by_hand(layer: QnALayer, x: torch.Tensor) -> torch.Tensor:
                         for dx in range(ks):
                             y, xx = i * s - p + dy, j * s - p + dx
                             if 0 <= y < h and 0 <= xx < w:  # outside the image: not attended
-                                logits.append(k[:, y, xx, sl] @ q[query, head] + layer.rel_pos_bias[query, head, dy, dx])
+                                bias = layer.rel_pos_bias[query, head, dy, dx]
+                                logits.append(k[:, y, xx, sl] @ q[query, head] + bias)
                                 values.append(v[:, y, xx, sl] * layer.query_scale[query, head, dy, dx])
                     weights = torch.stack(logits, 1).softmax(1)
                     out[:, i, j, sl] += (weights[..., None] * torch.stack(values, 1)).sum(1)

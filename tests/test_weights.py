@@ -71,7 +71,8 @@ def test_pickle_is_refused_unless_trusted_and_never_unpickled(tmp_path):
 
 def test_a_checkpoint_of_another_model_is_one_clear_line(tmp_path):
     path = save_safetensors(vitlab.create_model("resnet20_cifar"), tmp_path / "r20.safetensors")
-    with pytest.raises(VitlabError, match=r"does not fit VisionTransformer \(missing: .*is it a checkpoint of this model"):
+    with pytest.raises(VitlabError,
+                       match=r"does not fit VisionTransformer \(missing: .*is it a checkpoint of this model"):
         load_weights_file(vitlab.create_model("vit_nano_patch4_32"), path)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01")
     with pytest.raises(VitlabError, match="is not valid safetensors"):
@@ -89,7 +90,8 @@ def test_cli_train_from_weights_and_analyze_model_at_file(tmp_path, cli, monkeyp
     assert code == 2 and "pass --trust-pickle" in err and "Traceback" not in err
     code, _, err = cli(*common, "--init-weights", tmp_path / "vit.pth", "--trust-pickle", "--out", tmp_path / "a")
     assert code == 0, err[-2000:]
-    init = load_weights_file(vitlab.create_model("vit_nano_patch4_32", num_classes=10), tmp_path / "a" / "init.safetensors")
+    init = load_weights_file(vitlab.create_model("vit_nano_patch4_32", num_classes=10),
+                             tmp_path / "a" / "init.safetensors")
     assert init.loaded == len(source.state_dict())
     from vitlab.train import read_config
 
@@ -98,3 +100,24 @@ def test_cli_train_from_weights_and_analyze_model_at_file(tmp_path, cli, monkeyp
                        "--analysis-batch-size", "32", "--num-val", "64", "--out", tmp_path / "report")
     assert code == 0, err[-2000:]
     assert "vit_nano_patch4_32@vit" in (tmp_path / "report" / "results.json").read_text()
+
+
+def test_a_failing_checkpoint_filter_warns_naming_itself_and_names_are_matched_as_they_are(tmp_path, monkeypatch):
+    import vitlab.models.cct as cct
+
+    def official_names_only(state_dict, model):
+        raise KeyError("classifier.positional_emb")
+
+    source = vitlab.create_model("cct_2_3x2_32")
+    path = save_safetensors(source, tmp_path / "cct.safetensors")
+    monkeypatch.setattr(cct, "checkpoint_filter_fn", official_names_only)
+    target = vitlab.create_model("cct_2_3x2_32")
+    name = f"{__name__}.test_a_failing_checkpoint_filter_warns_naming_itself_and_names_are_matched_as_they_are" \
+           ".<locals>.official_names_only"
+    with pytest.warns(UserWarning) as record:
+        report = load_weights_file(target, path)
+    (warning,) = [w for w in record if "could not adapt" in str(w.message)]
+    assert str(warning.message) == (f"{name} could not adapt '{path}' (KeyError: 'classifier.positional_emb'); "
+                                    "matching parameter names as they are")
+    assert report.loaded == len(source.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))

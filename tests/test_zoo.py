@@ -46,8 +46,8 @@ def test_anatomy_and_capture_on_every_model(name):
 
 
 # One model of each family added after the foundation, through the same streamed pass as `compare`.
-FAMILIES = ["cct_2_3x2_32", "vit_lite_7_4_32", "cvt_13_32", "t2t_vit_7_32", "levit_128s_32", "dhvt_tiny_p4_32",
-            "qna_vit_tiny_32", "early_exit_vit_nano_patch4_32"]
+FAMILIES = ["cct_2_3x2_32", "vit_lite_7_patch4_32", "cvt_13_32", "t2t_vit_7_32", "levit_128s_32",
+            "dhvt_tiny_patch4_32", "qna_vit_tiny_32", "early_exit_vit_nano_patch4_32"]
 
 
 def test_cka_and_attention_distance_run_on_every_family():
@@ -56,18 +56,18 @@ def test_cka_and_attention_distance_run_on_every_family():
     images = torch.rand(3, 16, 3, 32, 32)
     results = run_analyses(subjects, list(images), progress=False)
     assert results.num_images == 48
-    assert len(results.cka) == len(FAMILIES) * (len(FAMILIES) + 1) // 2
+    assert len(results.results["cka"]) == len(FAMILIES) * (len(FAMILIES) + 1) // 2
     for s in subjects:
-        self_cka = results.cka[f"{s.name} vs {s.name}"].matrix
+        self_cka = results.results["cka"][f"{s.name} vs {s.name}"].matrix
         assert self_cka.shape == (len(s.anatomy.layers),) * 2
         np.testing.assert_allclose(np.diag(self_cka), 1.0, atol=1e-4)
-    for result in results.cka.values():
+    for result in results.results["cka"].values():
         assert np.isfinite(result.matrix).all()
     with_attention = {s.name for s in subjects if s.anatomy.has_attention}
     assert with_attention == set(FAMILIES) - {"cvt_13_32"}  # CvT's keys sit on a coarser grid than its queries
-    assert set(results.attention_distance) == with_attention
+    assert set(results.results["attention_distance"]) == with_attention
     for name in with_attention:
-        distances = results.attention_distance[name].distances
+        distances = results.results["attention_distance"][name].distances
         assert distances.shape[0] >= 1 and np.isfinite(distances[:, 0]).all() and (distances[:, 0] >= 0).all()
     assert any("cvt_13_32" in note for note in results.notes)
 

@@ -8,14 +8,16 @@ then a plain state dict is read with ``weights_only=True`` first.
 Weights are matched by parameter name. The wrappers training scripts add are removed (a
 ``state_dict``/``model``/``module`` entry, DDP's ``module.`` and torch.compile's ``_orig_mod.``
 prefixes), and the model family's own timm ``checkpoint_filter_fn`` adapts the rest (a ViT's
-position embedding resampled to the model's grid, for example). A classifier with another number
-of classes is left at its initialisation and reported, as timm does when fine-tuning.
+position embedding resampled to the model's grid, for example); a filter that fails on a file
+warns, naming itself and the error, and the names are matched as they are. A classifier with
+another number of classes is left at its initialisation and reported, as timm does when fine-tuning.
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     return _unwrap(obj, path)
 
 
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside a training script's checkpoint dict."""
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
@@ -105,8 +107,11 @@ def load_weights_file(model: nn.Module, path: str | Path, allow_pickle: bool = F
     if adapt is not None:
         try:
             state = adapt(state, model)
-        except Exception:  # noqa: BLE001  (a filter that does not understand the file: match names as they are)
-            pass
+        except Exception as e:  # noqa: BLE001  (a filter that does not understand the file: match names as they are)
+            name = f"{getattr(adapt, '__module__', '?')}.{getattr(adapt, '__qualname__', repr(adapt))}"
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warnings.warn(f"{name} could not adapt '{path}' ({type(e).__name__}{': ' + message if message else ''}); "
+                          "matching parameter names as they are", stacklevel=2)
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     fits = {k: v for k, v in state.items() if k not in skipped}

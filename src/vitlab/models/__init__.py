@@ -2,6 +2,18 @@
 
 Every model is registered in timm's registry, so ``timm.create_model(name)`` builds it as well
 as :func:`create_model`. Importing this package registers them.
+
+Every model speaks timm's protocol (timm's own classes, and vitlab's written to match them):
+``forward_features``/``forward_head``, ``forward_intermediates`` and
+``prune_intermediate_layers`` (so ``timm.create_model(name, features_only=True)`` works for the
+vitlab families), ``group_matcher``, ``set_grad_checkpointing``, ``get_classifier``,
+``reset_classifier``, and ``no_weight_decay`` where a model has parameters to exempt.
+
+Names follow ``family_size_patchN_imgsize`` (``vit_nano_patch4_32``), or a paper's own scheme
+where it has one (``cct_7_3x1_32``, ``cvt_13``, ``levit_128s``, with ``_32``
+for a 32x32 adaptation); earlier names that did not (``dhvt_tiny_p4_32``) are timm deprecation
+aliases (:func:`model_aliases`): they still build the same model, with a warning, so run
+directories that store them load, but :func:`list_models` lists only the current names.
 """
 
 from __future__ import annotations
@@ -11,27 +23,38 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
-from timm.models import is_model, model_entrypoint
+from timm.models import get_deprecated_models, is_model, model_entrypoint
 
 from ..anatomy import anatomy
 from ..errors import UnknownOptionError, VitlabError, unknown_name_error
 from . import cct, cvt, dhvt, early_exit, levit, mixer, qna, resnet, t2t, vit  # noqa: F401  (registers the models)
 
-__all__ = ["check_model_name", "create_model", "list_models", "count_parameters", "is_vitlab_model"]
+__all__ = ["check_model_name", "create_model", "list_models", "count_parameters", "is_vitlab_model", "model_aliases"]
 
 
-def is_vitlab_model(name: str) -> bool:
-    """True if ``name`` is one of vitlab's own registered models (not a stock timm model)."""
+def _is_own(name: str) -> bool:
     return is_model(name) and model_entrypoint(name).__module__.startswith("vitlab.")
 
 
-def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
-    """Names of vitlab's registered models matching the shell-style ``pattern``, sorted.
+def model_aliases() -> dict[str, str]:
+    """vitlab's earlier model names and the current names they build, e.g. ``dhvt_tiny_p4_32``."""
+    return {old: new for old, new in get_deprecated_models().items() if new and _is_own(new)}
 
-    With ``include_timm``, stock timm models matching the pattern are listed too.
+
+def is_vitlab_model(name: str) -> bool:
+    """True if ``name`` is one of vitlab's own registered models (not a stock timm model), or an earlier name of one."""
+    return _is_own(model_aliases().get(name, name))
+
+
+def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
+    """Current names of vitlab's registered models matching the shell-style ``pattern``, sorted.
+
+    With ``include_timm``, stock timm models matching the pattern are listed too. Earlier names
+    (:func:`model_aliases`) still build their models but are not listed, as timm does not list
+    its deprecated names.
     """
     names = timm.list_models(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*")
-    return sorted(n for n in names if include_timm or is_vitlab_model(n))
+    return sorted(n for n in names if include_timm or _is_own(n))
 
 
 def check_model_name(name: str) -> None:

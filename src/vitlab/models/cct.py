@@ -19,10 +19,12 @@ k x k kernels, and input size S. Every ``cct_*`` name also has a ``_sine`` varia
 and saved, but never trained). Every model takes ``pos_embed="learn" | "sine" | "none"``; with
 ``"none"`` it has no position embedding at all and takes any image size.
 
-Baselines: ``vit_lite_7_4_32`` (ViT-Lite-7/4: 4x4 patches, class token) and
-``vit_lite_seqpool_7_4_32`` (ViT-Lite with sequence pooling, which the paper calls "CVT", short for
-compact vision transformer; it is unrelated to CvT, the convolutional vision transformer of Wu et
-al., hence the name here).
+Baselines: ``vit_lite_7_patch4_32`` (ViT-Lite-7/4: 4x4 patches, class token) and
+``vit_lite_seqpool_7_patch4_32`` (ViT-Lite with sequence pooling, which the paper calls "CVT",
+short for compact vision transformer; it is unrelated to CvT, the convolutional vision
+transformer of Wu et al., hence the name here). Their names spell the patch as vitlab's other
+ViTs do (``patch4``); the earlier ``vit_lite_7_4_32`` and ``vit_lite_seqpool_7_4_32`` still build
+them, with timm's deprecation warning.
 """
 
 from __future__ import annotations
@@ -34,15 +36,26 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_model_deprecations,
+)
+from timm.models._features import feature_take_indices
 
 from ..anatomy import Anatomy, AttentionSite, Layer, ResidualSite, register_anatomy
 from ..errors import VitlabError
+from .layers import default_cfg, tokens_to_intermediates
+
+__all__ = ["CCT", "CCTBlock", "ConvTokenizer", "checkpoint_filter_fn", "sine_pos_embed"]
 
 POS_EMBEDS = ("learn", "sine", "none")
 GLOBAL_POOLS = ("seqpool", "token")
 
-# --- blocks -------------------------------------------------------------------------------------
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 def sine_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
@@ -166,7 +179,7 @@ class CCTBlock(nn.Module):
         return attn(x)
 
 
-# --- model class --------------------------------------------------------------------------------
+# --- model class ----------------------------------------------------------------------------------
 
 
 class CCT(nn.Module):
@@ -245,6 +258,9 @@ class CCT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.attn_pool = nn.Linear(embed_dim, 1) if global_pool == "seqpool" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.feature_info = [dict(num_chs=embed_dim, reduction=self.token_stride[0], module=f"blocks.{i}")
+                             for i in range(depth)]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -260,10 +276,34 @@ class CCT(nn.Module):
         if self.pos_embed is not None and self.pos_embed.requires_grad:
             trunc_normal_(self.pos_embed, std=0.2)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names timm's optimizer factory keeps out of weight decay: none."""
+        # The learned position embedding (and ViT-Lite's class token) is decayed, as in the paper's
+        # training: the official model classes define no no_weight_decay, and the official train.py
+        # builds its optimizer with timm's create_optimizer_v2, which exempts only 1-D parameters
+        # (biases, norms), not the (1, N, d) embedding. Exempting it would change the recipe the
+        # `cct` preset reproduces (weight decay 0.06). A sine table is frozen and never decayed.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping the parameters for layer-wise learning rates: embedding, then each block."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier (a Linear, or Identity without classes)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none); the pooling is part of the architecture."""
         if global_pool is not None and global_pool != self.global_pool:
             raise ValueError(f"the pooling ('{self.global_pool}') is part of the architecture; it cannot be reset")
         self.num_classes = num_classes
@@ -280,7 +320,8 @@ class CCT(nn.Module):
         return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.patch_embed.grid_size),
                                       num_prefix_tokens=self.num_prefix_tokens, verbose=False)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the token sequence entering block 1 (class token and position embedding added)."""
         img_size = (x.shape[-2], x.shape[-1])
         x = self.patch_embed(x)
         if self.cls_token is not None:
@@ -290,10 +331,63 @@ class CCT(nn.Module):
             # (B, C, H, W) -> (B, H*W, C) view, so the gradient reaches the max-pool as an NCHW
             # tensor and its backward does not first copy the feature map to channels-last.
             x = x.add_(self._pos_embed_for(img_size))
-        x = self.blocks(self.pos_drop(x))
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + grid tokens, embed_dim)."""
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs as timm's ``VisionTransformer.forward_intermediates`` returns them.
+
+        ``indices``: the last n blocks (int), all (None) or the listed ones; ``norm`` applies the
+        final norm to each; ``stop_early`` skips the blocks after the last one taken. Maps are
+        (B, embed_dim, H, W) on the token grid (``output_fmt="NLC"``: tokens); ViT-Lite's class
+        token comes with each map when ``return_prefix_tokens``. Returns the intermediates, or
+        ``(forward_features output, intermediates)`` unless ``intermediates_only``.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        intermediates = tokens_to_intermediates(intermediates, grid, self.num_prefix_tokens, output_fmt,
+                                                return_prefix_tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the classifier if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens (sequence pooling or the class token), then classify unless ``pre_logits``."""
         if self.attn_pool is not None:  # sequence pooling: softmax over tokens, weighted sum
             weights = self.attn_pool(x).softmax(dim=1)  # (B, N, 1)
             x = (weights.transpose(1, 2) @ x).squeeze(1)
@@ -303,6 +397,9 @@ class CCT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# --- anatomy --------------------------------------------------------------------------------------
 
 
 @register_anatomy(CCT)
@@ -326,13 +423,15 @@ def _cct_anatomy(model: CCT) -> Anatomy:
         image_size=model.img_size if model.pos_embed is not None else None,
         # x = norm2(x + attn(norm1 x)); x = x + mlp(x): the MLP's stream is norm2's output.
         residuals=[site for i in range(len(model.blocks)) for site in (
-            ResidualSite(f"block{i + 1}.attn", "attn", (f"blocks.{i}.norm1", "input"), f"blocks.{i}.attn", "tokens", prefix),
-            ResidualSite(f"block{i + 1}.mlp", "mlp", (f"blocks.{i}.norm2", "output"), f"blocks.{i}.mlp", "tokens", prefix))],
+            ResidualSite(f"block{i + 1}.attn", "attn", (f"blocks.{i}.norm1", "input"), f"blocks.{i}.attn", "tokens",
+                         prefix),
+            ResidualSite(f"block{i + 1}.mlp", "mlp", (f"blocks.{i}.norm2", "output"), f"blocks.{i}.mlp", "tokens",
+                         prefix))],
         mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))],
     )
 
 
-# --- builder ------------------------------------------------------------------------------------
+# --- builder --------------------------------------------------------------------------------------
 
 # Official parameter names (SHI-Labs/Compact-Transformers, also vit-pytorch's CCT) -> vitlab's.
 _OFFICIAL_KEYS = [
@@ -376,28 +475,22 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CCT) -> dic
 
 
 def _create_cct(variant: str, pretrained: bool, args: dict[str, Any], kwargs: dict[str, Any]) -> CCT:
-    """Build ``variant`` from its architecture ``args``, which the caller's ``kwargs`` override."""
+    """Build ``variant`` from its architecture ``args``, which the caller's ``kwargs`` override.
+
+    ``features_only=True`` gives timm's feature extractor over ``forward_intermediates`` (by default
+    the last three blocks, as for timm's ViTs).
+    """
+    args = dict(args, **kwargs)
     return build_model_with_cfg(CCT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **dict(args, **kwargs))
+                                feature_cfg=dict(out_indices=min(3, args.get("depth", 14)), feature_cls="getter"),
+                                **args)
 
 
 def _cfg(input_size: int = 32, num_classes: int = 10, **kwargs: Any) -> dict[str, Any]:
-    # The official models' normalisation: CIFAR's own statistics at 32x32, ImageNet's above.
-    cifar = input_size == 32
-    return {
-        "url": "",
-        "num_classes": num_classes,
-        "input_size": (3, input_size, input_size),
-        "pool_size": None,
-        "crop_pct": 1.0 if cifar else 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.4914, 0.4822, 0.4465) if cifar else (0.485, 0.456, 0.406),
-        "std": (0.2470, 0.2435, 0.2616) if cifar else (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.stages.0.conv",
-        "classifier": "head",
-        **kwargs,
-    }
+    # The official models' normalisation: CIFAR's own statistics at 32x32, ImageNet's (crop 0.9) above.
+    cifar = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)) if input_size == 32 else {}
+    return default_cfg(input_size, num_classes, **{"first_conv": "patch_embed.stages.0.conv",
+                                                   "crop_pct": 1.0 if input_size == 32 else 0.9, **cifar, **kwargs})
 
 
 _CCT_NAMES = ["cct_2_3x2_32", "cct_4_3x2_32", "cct_6_3x1_32", "cct_6_3x2_32", "cct_7_3x1_32", "cct_7_3x2_32"]
@@ -409,8 +502,8 @@ default_cfgs = generate_default_cfgs({
     "cct_14_7x2_224_sine": _cfg(224, 1000),
     "cct_14_7x2_384": _cfg(384, 1000, crop_pct=1.0),
     "cct_14_7x2_384_sine": _cfg(384, 1000, crop_pct=1.0),
-    "vit_lite_7_4_32": _cfg(first_conv="patch_embed.proj"),
-    "vit_lite_seqpool_7_4_32": _cfg(first_conv="patch_embed.proj"),
+    "vit_lite_7_patch4_32": _cfg(first_conv="patch_embed.proj"),
+    "vit_lite_seqpool_7_patch4_32": _cfg(first_conv="patch_embed.proj"),
 })
 
 # --- registered variants --------------------------------------------------------------------------
@@ -541,16 +634,23 @@ def cct_14_7x2_384_sine(pretrained: bool = False, **kwargs: Any) -> CCT:
 
 
 @register_model
-def vit_lite_7_4_32(pretrained: bool = False, **kwargs: Any) -> CCT:
+def vit_lite_7_patch4_32(pretrained: bool = False, **kwargs: Any) -> CCT:
     """ViT-Lite-7/4, the CCT paper's baseline: the CCT-7 encoder on 4x4 patches (8x8 tokens) with a
     class token and a learned position embedding; 3,716,874 parameters."""
     args = dict(_CCT_7, patch_size=4, global_pool="token", **_32)
-    return _create_cct("vit_lite_7_4_32", pretrained, args, kwargs)
+    return _create_cct("vit_lite_7_patch4_32", pretrained, args, kwargs)
 
 
 @register_model
-def vit_lite_seqpool_7_4_32(pretrained: bool = False, **kwargs: Any) -> CCT:
+def vit_lite_seqpool_7_patch4_32(pretrained: bool = False, **kwargs: Any) -> CCT:
     """CVT-7/4 of the CCT paper ("compact vision transformer"; not CvT, Wu et al.): ViT-Lite-7/4 with
     sequence pooling instead of the class token; 3,716,619 parameters."""
     args = dict(_CCT_7, patch_size=4, global_pool="seqpool", **_32)
-    return _create_cct("vit_lite_seqpool_7_4_32", pretrained, args, kwargs)
+    return _create_cct("vit_lite_seqpool_7_patch4_32", pretrained, args, kwargs)
+
+
+# Earlier names, kept so run directories that store them still build (with timm's deprecation warning).
+register_model_deprecations(__name__, {
+    "vit_lite_7_4_32": "vit_lite_7_patch4_32",
+    "vit_lite_seqpool_7_4_32": "vit_lite_seqpool_7_patch4_32",
+})

@@ -121,7 +121,8 @@ def apply_conv_init(model: nn.Module, kernel_size: int = 3, strength: float = DE
     """
     name = model_name or type(model).__name__
     if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
-        raise VitlabError(f"conv init takes an odd kernel size such as 3 (a kernel has a centre patch), not {kernel_size}")
+        raise VitlabError("conv init takes an odd kernel size such as 3 (a kernel has a centre patch), "
+                          f"not {kernel_size}")
     if not (math.isfinite(strength) and strength > 0):
         raise VitlabError(f"conv init strength must be a positive number (default {DEFAULT_STRENGTH}), not {strength}")
     try:

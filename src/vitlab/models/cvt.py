@@ -39,16 +39,20 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, QuickGELU, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from ..anatomy import Anatomy, Layer, register_anatomy
+from .layers import default_cfg
+
+__all__ = ["CvT", "CvTBlock", "CvTStage", "ConvAttention", "ConvEmbed", "ConvProjection", "checkpoint_filter_fn",
+           "Cvt", "CvtBlock", "CvtStage"]
 
 # The official models use LayerNorm with PyTorch's default eps everywhere.
 _LayerNorm = partial(nn.LayerNorm, eps=1e-5)
 
-# --- blocks -------------------------------------------------------------------------------------
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 class ConvEmbed(nn.Module):
@@ -136,7 +140,7 @@ class ConvAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class CvtBlock(nn.Module):
+class CvTBlock(nn.Module):
     """Pre-norm transformer block with convolutional attention and a QuickGELU MLP."""
 
     def __init__(
@@ -165,11 +169,12 @@ class CvtBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class CvtStage(nn.Module):
+class CvTStage(nn.Module):
     """Convolutional token embedding, an optional class token, then ``depth`` blocks.
 
     Takes and returns a feature map (B, C, H, W); the class token (B, 1, C), or an empty
     (B, 0, C) tensor without one, is returned separately, as the next stage does not use it.
+    With ``grad_checkpointing`` each block's activations are recomputed in the backward pass.
     """
 
     def __init__(
@@ -193,8 +198,9 @@ class CvtStage(nn.Module):
         self.pos_drop = nn.Dropout(proj_drop)
         dpr = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
-            CvtBlock(dim, num_heads, proj_drop=proj_drop, drop_path=dpr[i], **block_kwargs) for i in range(depth)
+            CvTBlock(dim, num_heads, proj_drop=proj_drop, drop_path=dpr[i], **block_kwargs) for i in range(depth)
         )
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.patch_embed(x)
@@ -204,16 +210,19 @@ class CvtStage(nn.Module):
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
-            x = block(x, (h, w))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, (h, w))
+            else:
+                x = block(x, (h, w))
         prefix, x = x.split([self.num_prefix_tokens, h * w], dim=1)
         return x.transpose(1, 2).reshape(b, c, h, w), prefix
 
 
-# --- model class --------------------------------------------------------------------------------
+# --- model class ----------------------------------------------------------------------------------
 
 
-class Cvt(nn.Module):
-    """The Convolutional vision Transformer: three ``CvtStage``s, a final LayerNorm and a linear head.
+class CvT(nn.Module):
+    """The Convolutional vision Transformer: three ``CvTStage``s, a final LayerNorm and a linear head.
 
     ``drop_path_rate`` follows the official configurations, which give stochastic depth to the
     last stage only (rising linearly from 0 within it): a float is that stage's maximum rate, a
@@ -262,7 +271,7 @@ class Cvt(nn.Module):
         for i in range(num_stages):
             # Plain Python, not torch.linspace: the model is also built on the meta device.
             dpr = [drop_path_rate[i] * j / max(depths[i] - 1, 1) for j in range(depths[i])]
-            self.stages.append(CvtStage(
+            self.stages.append(CvTStage(
                 chans, embed_dims[i], depths[i], num_heads[i], patch_sizes[i], patch_strides[i], patch_paddings[i],
                 class_token=class_token and i == num_stages - 1, drop_path=dpr, proj_drop=proj_drop_rate,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, kernel_size=kernel_size, stride_kv=stride_kv,
@@ -285,12 +294,32 @@ class Cvt(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, CvtStage) and m.cls_token is not None:
+        elif isinstance(m, CvTStage) and m.cls_token is not None:
             trunc_normal_(m.cls_token, std=0.02)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay: the class token (no position embedding to exempt)."""
         return {f"stages.{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping the parameters for layer-wise learning rates: first embedding, then stages/blocks."""
+        return dict(
+            stem=r"^stages\.0\.patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(?:patch_embed|cls_token)", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def token_grids(self, img_size: int | tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """Token grid (rows, columns) of every stage for an input of ``img_size`` (default: the nominal one)."""
@@ -300,10 +329,13 @@ class Cvt(nn.Module):
             grids.append(size)
         return grids
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier (a Linear, or Identity without classes)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none), pooling the class token or the average token."""
         if global_pool is not None:
             if global_pool not in ("token", "avg") or (global_pool == "token" and not self.num_prefix_tokens):
                 raise ValueError(f"cannot pool with {global_pool!r} (class token: {bool(self.num_prefix_tokens)})")
@@ -317,7 +349,68 @@ class Cvt(nn.Module):
             x, prefix = stage(x)
         return self.norm(torch.cat([prefix, x.flatten(2).transpose(1, 2)], dim=1))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every stage's output map, (B, C_s, H_s, W_s), as timm's hierarchical models return them.
+
+        ``indices`` picks stages (the last n if an int, all if None); ``norm`` applies the final
+        LayerNorm to the last stage's output, the only one of its width (timm's rule for Swin);
+        ``stop_early`` skips the stages after the last one taken; ``output_fmt="NLC"`` gives tokens.
+        With ``return_prefix_tokens`` each entry is ``(map, class token)``, the class token (B, 1, C)
+        in the last stage and empty (B, 0, C) before it. Returns the intermediates, or
+        ``(forward_features output, intermediates)`` unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        last = len(self.stages) - 1
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x, prefix = stage(x)
+            if i in take_indices:
+                tokens = x.flatten(2).transpose(1, 2)
+                if norm and i == last:
+                    tokens, prefix_out = self.norm(tokens), self.norm(prefix)
+                else:
+                    prefix_out = prefix
+                out = tokens if output_fmt == "NLC" else tokens.transpose(1, 2).reshape(x.shape)
+                intermediates.append((out, prefix_out) if return_prefix_tokens else out)
+        if intermediates_only:
+            return intermediates
+        x = torch.cat([prefix, x.flatten(2).transpose(1, 2)], dim=1)
+        # The final norm has the last stage's width: a run stopped earlier returns its tokens unnormalised.
+        return (self.norm(x) if len(stages) == len(self.stages) else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm, the classifier if asked).
+
+        Without its last stage the model has no class token and another width: the final norm and
+        the classifier go too, and pooling becomes the average token.
+        """
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.num_prefix_tokens, self.global_pool = 0, "avg"
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the class token (or the average token), then classify unless ``pre_logits``."""
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -326,11 +419,15 @@ class Cvt(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- anatomy ------------------------------------------------------------------------------------
+# Earlier spellings of the class names, kept for imports.
+Cvt, CvtBlock, CvtStage = CvT, CvTBlock, CvTStage
 
 
-@register_anatomy(Cvt)
-def cvt_anatomy(model: Cvt) -> Anatomy:
+# --- anatomy --------------------------------------------------------------------------------------
+
+
+@register_anatomy(CvT)
+def cvt_anatomy(model: CvT) -> Anatomy:
     """The first embedding, then every block of every stage (``s2.b1`` ...); no attention sites.
 
     Grid and patch size are the first stage's at the model's nominal input size; the first stage
@@ -350,7 +447,7 @@ def cvt_anatomy(model: Cvt) -> Anatomy:
 # --- builder --------------------------------------------------------------------------------------
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Cvt) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
     """Map an official CvT checkpoint (``stage0.blocks.0...``) onto this model (``stages.0.blocks.0...``).
 
     Every other name (patch_embed.proj/norm, attn.conv_proj_q.conv/bn, proj_q, mlp.fc1, norm,
@@ -360,27 +457,24 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Cvt) -> dic
     return {re.sub(r"^stage(\d+)\.", r"stages.\1.", k): v for k, v in state_dict.items()}
 
 
-def _create_cvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Cvt:
+def _create_cvt(variant: str, pretrained: bool = False, **kwargs: Any) -> CvT:
+    """Build ``variant``; ``features_only=True`` gives timm's feature extractor over the three stages."""
     return build_model_with_cfg(
-        Cvt, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        CvT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"), **kwargs,
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD, "first_conv": "stages.0.patch_embed.proj", "classifier": "head", **kwargs,
-    }
+def _cfg(input_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
+    # No position embedding: any input size runs.
+    return default_cfg(input_size, num_classes, first_conv="stages.0.patch_embed.proj", fixed_input_size=False)
 
 
 default_cfgs = generate_default_cfgs({
     "cvt_13": _cfg(),
     "cvt_21": _cfg(),
     "cvt_w24": _cfg(),
-    "cvt_13_32": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5, 0.5, 0.5),
-                      std=(0.5, 0.5, 0.5)),
+    "cvt_13_32": _cfg(32, 10),
 })
 
 # --- registered variants --------------------------------------------------------------------------
@@ -392,19 +486,19 @@ _CVT_W24 = dict(embed_dims=(192, 768, 1024), depths=(2, 2, 20), num_heads=(3, 12
 
 
 @register_model
-def cvt_13(pretrained: bool = False, **kwargs: Any) -> Cvt:
+def cvt_13(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-13: widths 64/192/384, 1+2+10 blocks, 1/3/6 heads (19,997,480 parameters; official drop path 0.1)."""
     return _create_cvt("cvt_13", pretrained, **dict(_CVT_13, **kwargs))
 
 
 @register_model
-def cvt_21(pretrained: bool = False, **kwargs: Any) -> Cvt:
+def cvt_21(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-21: widths 64/192/384, 1+4+16 blocks, 1/3/6 heads (31,622,696 parameters; official drop path 0.1)."""
     return _create_cvt("cvt_21", pretrained, **dict(_CVT_21, **kwargs))
 
 
 @register_model
-def cvt_w24(pretrained: bool = False, **kwargs: Any) -> Cvt:
+def cvt_w24(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-W24: widths 192/768/1024, 2+2+20 blocks, 3/12/16 heads (277M parameters; official drop path 0.3).
 
     The paper trains it on ImageNet-22k and fine-tunes at 384; any input size works, 224 is the default.
@@ -413,7 +507,7 @@ def cvt_w24(pretrained: bool = False, **kwargs: Any) -> Cvt:
 
 
 @register_model
-def cvt_13_32(pretrained: bool = False, **kwargs: Any) -> Cvt:
+def cvt_13_32(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-13 for 32x32 images: every stage embeds with a 3x3 stride-2 convolution (16x16, 8x8, 4x4 tokens)."""
     args = dict(_CVT_13, img_size=32, num_classes=10, patch_sizes=(3, 3, 3), patch_strides=(2, 2, 2),
                 patch_paddings=(1, 1, 1))

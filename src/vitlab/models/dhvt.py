@@ -23,6 +23,10 @@ SyncBatchNorm; the head tokens sit right after the class token inside the attent
 terms is permutation-equivariant, so every output is the same) so the probabilities have the
 usual layout of prefix tokens first; and the patch grid is fixed when the model is built
 (the official code takes the square root of the token count).
+
+Names: ``dhvt_{tiny,small}_patch{4,2}_32`` (CIFAR) and ``dhvt_{tiny,small}_patch16_224``
+(ImageNet), patch sizes spelled as in vitlab's ViTs; the earlier ``dhvt_tiny_p4_32``-style names
+still build the same models, with timm's deprecation warning.
 """
 
 from __future__ import annotations
@@ -35,13 +39,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_model_deprecations,
+)
+from timm.models._features import feature_take_indices
 
 from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from .layers import default_cfg, tokens_to_intermediates
 
 __all__ = ["DHVT", "SOPE", "DAFF", "HeadInteractionAttention", "DHVTBlock"]
 
-# --- blocks -------------------------------------------------------------------------------------
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 class Affine(nn.Module):
@@ -196,7 +209,7 @@ class DHVTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-# --- model --------------------------------------------------------------------------------------
+# --- model class ----------------------------------------------------------------------------------
 
 
 class DHVT(nn.Module):
@@ -228,6 +241,8 @@ class DHVT(nn.Module):
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -243,29 +258,103 @@ class DHVT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay."""
         return {"cls_token"}  # the official set ("pos_embed", "cls_token") matches only this here
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping the parameters for layer-wise learning rates: SOPE and class token, then blocks."""
+        return dict(stem=r"^cls_token|^patch_embed|^norm_pre", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them.
+
+        As with any checkpointed BatchNorm (DAFF's), the recomputation updates the running
+        statistics a second time in training mode; outputs and gradients are unchanged.
+        """
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier (a Linear, or Identity without classes)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none) on the class token."""
         if global_pool not in (None, "token"):
             raise ValueError(f"DHVT classifies from its class token (global_pool='token'), got {global_pool!r}")
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the tokens entering block 1: SOPE tokens after the class token."""
+        x = self.patch_embed(x)
+        return self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, in_chans, H, W) -> normalised tokens (B, 1 + H*W/patch^2, embed_dim)."""
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.blocks(self.norm_pre(x)))
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs as timm's ``VisionTransformer.forward_intermediates`` returns them.
+
+        ``indices``: the last n blocks (int), all (None) or the listed ones; ``norm`` applies the
+        final norm to each; ``stop_early`` skips the blocks after the last one taken. Maps are
+        (B, embed_dim, H, W) on the patch grid (``output_fmt="NLC"``: tokens), each with the class
+        token when ``return_prefix_tokens`` (the head tokens live only inside the attention).
+        Returns the intermediates, or ``(forward_features output, intermediates)`` unless
+        ``intermediates_only``.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        intermediates = tokens_to_intermediates(intermediates, self.patch_embed.grid_size, self.num_prefix_tokens,
+                                                output_fmt, return_prefix_tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the classifier if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0]  # the class token
+        """The class token, classified unless ``pre_logits``."""
+        x = x[:, 0]
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# --- anatomy --------------------------------------------------------------------------------------
 
 
 @register_anatomy(DHVT)
@@ -280,33 +369,32 @@ def dhvt_anatomy(model: DHVT) -> Anatomy:
                    patch_size=embed.patch_size, image_size=embed.img_size)
 
 
-# --- builder ------------------------------------------------------------------------------------
+# --- builder --------------------------------------------------------------------------------------
 
 
 def _create_dhvt(variant: str, pretrained: bool = False, **kwargs: Any) -> DHVT:
-    return build_model_with_cfg(DHVT, variant, pretrained, **kwargs)
+    """Build ``variant``; ``features_only=True`` gives timm's feature extractor (the last three blocks)."""
+    return build_model_with_cfg(DHVT, variant, pretrained,
+                                feature_cfg=dict(out_indices=min(3, kwargs.get("depth", 12)), feature_cls="getter"),
+                                **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def _cfg(input_size: int = 32, num_classes: int = 100) -> dict[str, Any]:
     # The official data pipeline normalises with ImageNet statistics, CIFAR included.
-    return {
-        "url": "", "num_classes": 100, "input_size": (3, 32, 32), "pool_size": None, "crop_pct": 1.0,
-        "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj.0.0", "classifier": "head", **kwargs,
-    }
+    return default_cfg(input_size, num_classes, first_conv="patch_embed.proj.0.0", mean=IMAGENET_DEFAULT_MEAN,
+                       std=IMAGENET_DEFAULT_STD)
 
 
-_IMAGENET = dict(num_classes=1000, input_size=(3, 224, 224), crop_pct=0.875)
 default_cfgs = generate_default_cfgs({
-    "dhvt_tiny_p4_32": _cfg(),
-    "dhvt_tiny_p2_32": _cfg(),
-    "dhvt_small_p4_32": _cfg(),
-    "dhvt_small_p2_32": _cfg(),
-    "dhvt_tiny_p16_224": _cfg(**_IMAGENET),
-    "dhvt_small_p16_224": _cfg(**_IMAGENET),
+    "dhvt_tiny_patch4_32": _cfg(),
+    "dhvt_tiny_patch2_32": _cfg(),
+    "dhvt_small_patch4_32": _cfg(),
+    "dhvt_small_patch2_32": _cfg(),
+    "dhvt_tiny_patch16_224": _cfg(224, 1000),
+    "dhvt_small_patch16_224": _cfg(224, 1000),
 })
 
-# --- registered variants ------------------------------------------------------------------------
+# --- registered variants --------------------------------------------------------------------------
 # CIFAR models (official *_cifar_*): 32x32, 100 classes; tiny has 4 heads and small 8 (not the
 # DeiT 3 and 6). ImageNet models (official *_imagenet_patch16): DeiT-T/S heads, 1000 classes.
 _TINY_32 = dict(img_size=32, num_classes=100, embed_dim=192, depth=12, num_heads=4, mlp_ratio=4.0)
@@ -314,38 +402,50 @@ _SMALL_32 = dict(img_size=32, num_classes=100, embed_dim=384, depth=12, num_head
 
 
 @register_model
-def dhvt_tiny_p4_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
+def dhvt_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
     """DHVT-T/4 for 32x32 (CIFAR-100): width 192, 12 blocks, 4 heads, 8x8 patches (6.0M)."""
-    return _create_dhvt("dhvt_tiny_p4_32", pretrained, **dict(_TINY_32, patch_size=4, **kwargs))
+    return _create_dhvt("dhvt_tiny_patch4_32", pretrained, **dict(_TINY_32, patch_size=4, **kwargs))
 
 
 @register_model
-def dhvt_tiny_p2_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
+def dhvt_tiny_patch2_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
     """DHVT-T/2 for 32x32 (CIFAR-100): DHVT-T with 2-pixel patches (16x16 tokens)."""
-    return _create_dhvt("dhvt_tiny_p2_32", pretrained, **dict(_TINY_32, patch_size=2, **kwargs))
+    return _create_dhvt("dhvt_tiny_patch2_32", pretrained, **dict(_TINY_32, patch_size=2, **kwargs))
 
 
 @register_model
-def dhvt_small_p4_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
+def dhvt_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
     """DHVT-S/4 for 32x32 (CIFAR-100): width 384, 12 blocks, 8 heads, 8x8 patches."""
-    return _create_dhvt("dhvt_small_p4_32", pretrained, **dict(_SMALL_32, patch_size=4, **kwargs))
+    return _create_dhvt("dhvt_small_patch4_32", pretrained, **dict(_SMALL_32, patch_size=4, **kwargs))
 
 
 @register_model
-def dhvt_small_p2_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
+def dhvt_small_patch2_32(pretrained: bool = False, **kwargs: Any) -> DHVT:
     """DHVT-S/2 for 32x32 (CIFAR-100): the paper's best CIFAR-100 model (85.68%), 22.8M."""
-    return _create_dhvt("dhvt_small_p2_32", pretrained, **dict(_SMALL_32, patch_size=2, **kwargs))
+    return _create_dhvt("dhvt_small_patch2_32", pretrained, **dict(_SMALL_32, patch_size=2, **kwargs))
 
 
 @register_model
-def dhvt_tiny_p16_224(pretrained: bool = False, **kwargs: Any) -> DHVT:
+def dhvt_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DHVT:
     """DHVT-T/16 for ImageNet-1k at 224: width 192, 12 blocks, 3 heads, 14x14 patches."""
     args = dict(img_size=224, patch_size=16, num_classes=1000, embed_dim=192, depth=12, num_heads=3)
-    return _create_dhvt("dhvt_tiny_p16_224", pretrained, **dict(args, **kwargs))
+    return _create_dhvt("dhvt_tiny_patch16_224", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def dhvt_small_p16_224(pretrained: bool = False, **kwargs: Any) -> DHVT:
+def dhvt_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> DHVT:
     """DHVT-S/16 for ImageNet-1k at 224: width 384, 12 blocks, 6 heads, 14x14 patches (24.0M)."""
     args = dict(img_size=224, patch_size=16, num_classes=1000, embed_dim=384, depth=12, num_heads=6)
-    return _create_dhvt("dhvt_small_p16_224", pretrained, **dict(args, **kwargs))
+    return _create_dhvt("dhvt_small_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+# Earlier names (``p4`` for the patch size), kept so run directories that store them still build, with
+# timm's deprecation warning; the names above spell the patch as vitlab's other models do.
+register_model_deprecations(__name__, {
+    "dhvt_tiny_p4_32": "dhvt_tiny_patch4_32",
+    "dhvt_tiny_p2_32": "dhvt_tiny_patch2_32",
+    "dhvt_small_p4_32": "dhvt_small_patch4_32",
+    "dhvt_small_p2_32": "dhvt_small_patch2_32",
+    "dhvt_tiny_p16_224": "dhvt_tiny_patch16_224",
+    "dhvt_small_p16_224": "dhvt_small_patch16_224",
+})

@@ -40,6 +40,7 @@ compute that saves) is an analysis of a trained model: :mod:`vitlab.analysis.ear
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -53,8 +54,11 @@ from timm.models.vision_transformer import Block
 
 from ..anatomy import Anatomy, anatomy, register_anatomy
 from ..errors import VitlabError
+from .layers import default_cfg
 
-# --- blocks -------------------------------------------------------------------------------------
+__all__ = ["EarlyExitModel", "SingleLayerViT"]
+
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 class SingleLayerViT(nn.Module):
@@ -97,6 +101,7 @@ class SingleLayerViT(nn.Module):
         self.apply(_init_linear)
 
     def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: none)."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.norm.normalized_shape[0], num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_linear)
@@ -117,7 +122,15 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-# --- model class --------------------------------------------------------------------------------
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+# --- model class ----------------------------------------------------------------------------------
 
 
 class EarlyExitModel(nn.Module):
@@ -146,6 +159,9 @@ class EarlyExitModel(nn.Module):
         self.num_classes = backbone.num_classes
         self.num_features = self.head_hidden_size = backbone.num_features
         self.backbone_frozen = False
+        # The backbone's feature taps (timm's features_only metadata), by their paths in this model.
+        self.feature_info = [dict(info, module=f"backbone.{info['module']}")
+                             for info in getattr(backbone, "feature_info", [])]
 
         candidates = [layer.name for layer in inner.layers] if inner is not None else []
         wanted = [self._resolve_exit(e, inner) for e in exits] if exits is not None else []
@@ -229,12 +245,16 @@ class EarlyExitModel(nn.Module):
     # -- the timm model interface (the final head is the backbone's)
     @property
     def num_exits(self) -> int:
+        """How many exit branches the model has."""
         return len(self.branches)
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The backbone's (final) classifier."""
         return self.backbone.get_classifier()
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        """A new classifier for ``num_classes`` in the backbone and in every exit branch."""
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
         for branch in self.branches:
             branch.reset_classifier(num_classes)
@@ -242,14 +262,66 @@ class EarlyExitModel(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """The backbone's names (under ``backbone.``) and every branch's class token and position embedding."""
         inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
         return {f"backbone.{n}" for n in inner} | {f"branches.{i}.{n}" for i in range(self.num_exits)
                                                    for n in ("cls_token", "pos_embed")}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The backbone's parameter groups under ``backbone.``; the branches join the last group, with the head."""
+
+        def prefixed(pattern: str) -> str:
+            # Anchor every alternative after "backbone." (re.match anchors them all at the start).
+            return r"^backbone\.(?:" + re.sub(r"(^|\|)\^", r"\1", pattern) + ")"
+
+        groups = {}
+        for group, spec in self.backbone.group_matcher(coarse).items():
+            if isinstance(spec, str):
+                groups[group] = prefixed(spec)
+            else:
+                groups[group] = [(prefixed(pattern), suffix) for pattern, suffix in spec]
+        return groups
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the backbone's blocks (the exit hooks still see every block's output)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's ``forward_features``."""
         return self.backbone.forward_features(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        **kwargs: Any,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The backbone's ``forward_intermediates`` (the branches do not run); ``kwargs`` such as
+        ``return_prefix_tokens`` go to the backbone."""
+        return self.backbone.forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,
+                                                   output_fmt=output_fmt, intermediates_only=intermediates_only,
+                                                   **kwargs)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Prune the backbone (timm's rule) and drop the exit branches whose layer it no longer has."""
+        take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        keep = [i for i, name in enumerate(self.exit_names) if _has_submodule(self.backbone, name)]
+        self.exit_names = [self.exit_names[i] for i in keep]
+        self.exit_labels = [self.exit_labels[i] for i in keep]
+        self.branches = nn.ModuleList(self.branches[i] for i in keep)
+        self.num_classes = self.backbone.num_classes
+        self.num_features = self.head_hidden_size = self.backbone.num_features
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The backbone's ``forward_head``."""
         return self.backbone.forward_head(x, pre_logits=pre_logits)
 
     def freeze_backbone(self, freeze: bool = True) -> None:
@@ -259,6 +331,7 @@ class EarlyExitModel(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "EarlyExitModel":
+        """Set training mode; a frozen backbone stays in eval mode."""
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
@@ -278,11 +351,22 @@ class EarlyExitModel(nn.Module):
     def forward_exits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``(exit_logits, final_logits)``: every branch's logits in depth order, and the final head's."""
         exit_logits: list[torch.Tensor | None] = [None] * self.num_exits
+        # Under gradient checkpointing an exit layer runs inside a checkpointed segment whose backward
+        # recomputes it without the hooks (gone by then): a branch run from the hook would be saved in
+        # the segment but not recomputed with it. So the hook keeps a copy of the layer's output and the
+        # branches run after the backbone (the copy also guards against later in-place ops).
+        deferred = bool(getattr(self.backbone, "grad_checkpointing", False))
+        outputs: list[torch.Tensor | None] = [None] * self.num_exits
 
         def run_branch(i: int, output: torch.Tensor) -> None:
-            exit_logits[i] = self.branches[i](output)
+            if deferred:
+                outputs[i] = output.clone()
+            else:
+                exit_logits[i] = self.branches[i](output)
 
         final = self._run_backbone(x, run_branch)
+        if deferred:
+            exit_logits = [branch(output) for branch, output in zip(self.branches, outputs)]
         return exit_logits, final
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -303,6 +387,9 @@ def _default_exits(inner: Anatomy, shapes: dict[str, tuple[int, ...]]) -> list[s
     return exits
 
 
+# --- anatomy --------------------------------------------------------------------------------------
+
+
 @register_anatomy(EarlyExitModel)
 def _early_exit_anatomy(model: EarlyExitModel) -> Anatomy:
     """The backbone's layers and attention, under ``backbone.``; the branches are not analysed."""
@@ -318,7 +405,7 @@ def _early_exit_anatomy(model: EarlyExitModel) -> Anatomy:
     )
 
 
-# --- builder ------------------------------------------------------------------------------------
+# --- builder --------------------------------------------------------------------------------------
 
 _EXIT_ARGS = ("exits", "branch_dim", "branch_heads", "branch_mlp_ratio", "branch_grid", "branch_drop_rate")
 
@@ -335,27 +422,17 @@ def _create_early_exit(variant: str, backbone: str, pretrained: bool = False, **
     return build_model_with_cfg(build, variant, pretrained, **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,  # the branches' position embeddings are sized at build time
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        **kwargs,
-    }
+def _cfg(backbone_first_conv: str, backbone_classifier: str, **kwargs: Any) -> dict[str, Any]:
+    # Fixed input size even for a CNN backbone: the branches' position embeddings are sized at build time.
+    return default_cfg(first_conv=f"backbone.{backbone_first_conv}", classifier=f"backbone.{backbone_classifier}",
+                       **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
     {
-        "early_exit_vit_nano_patch4_32": _cfg(first_conv="backbone.patch_embed.proj", classifier="backbone.head"),
-        "early_exit_mixer_nano_patch4_32": _cfg(first_conv="backbone.stem.proj", classifier="backbone.head"),
-        "early_exit_resnet20_cifar": _cfg(first_conv="backbone.conv1", classifier="backbone.fc",
-                                          interpolation="bilinear"),
+        "early_exit_vit_nano_patch4_32": _cfg("patch_embed.proj", "head"),
+        "early_exit_mixer_nano_patch4_32": _cfg("stem.proj", "head"),
+        "early_exit_resnet20_cifar": _cfg("conv1", "fc", interpolation="bilinear"),
     }
 )
 

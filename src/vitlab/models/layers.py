@@ -1,15 +1,86 @@
-"""Building blocks shared by vitlab's model families that timm does not provide."""
+"""Building blocks shared by vitlab's model families that timm does not provide.
+
+Besides layers, the helpers every model file uses: :func:`default_cfg` (timm's pretrained-config
+dict with vitlab's common values, each family passing only its differences) and
+:func:`tokens_to_intermediates` (block outputs of a token model laid out as timm's
+``forward_intermediates`` returns them).
+"""
 
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import Block
 
 from ..errors import VitlabError
+
+__all__ = ["ChannelPadShortcut", "default_cfg", "freeze_sincos_pos_embed_", "remove_last_attention_skip",
+           "tokens_to_intermediates"]
+
+#: Normalisation of vitlab's 32x32 models: images scaled to [-1, 1].
+SMALL_MEAN = SMALL_STD = (0.5, 0.5, 0.5)
+
+
+def default_cfg(
+    input_size: int = 32,
+    num_classes: int = 10,
+    *,
+    first_conv: str | None = "patch_embed.proj",
+    classifier: str = "head",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """timm's pretrained-config dict of a vitlab model: the keys every family shares, then ``overrides``.
+
+    No weights to download (``url`` is empty), a square ``input_size``, bicubic resizing and a
+    fixed input size (a position embedding or token grid sized when the model is built). At
+    32x32, vitlab's small-image size, images are normalised to [-1, 1] and not cropped; at a
+    paper's larger size, timm's ImageNet statistics and crop fraction (0.875) apply. A family
+    passes only what differs (CCT's CIFAR statistics, a CNN's ``fixed_input_size=False``, ...).
+    """
+    small = input_size == 32
+    return {
+        "url": "",
+        "num_classes": num_classes,
+        "input_size": (3, input_size, input_size),
+        "pool_size": None,
+        "crop_pct": 1.0 if small else 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": SMALL_MEAN if small else IMAGENET_DEFAULT_MEAN,
+        "std": SMALL_STD if small else IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": classifier,
+        **overrides,
+    }
+
+
+def tokens_to_intermediates(
+    intermediates: list[torch.Tensor],
+    grid: tuple[int, int],
+    num_prefix_tokens: int = 0,
+    output_fmt: str = "NCHW",
+    return_prefix_tokens: bool = False,
+) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """Block outputs (B, prefix + H*W, C) as timm's ``forward_intermediates`` returns them.
+
+    The prefix tokens (class token, ...) are split off; the grid tokens stay (B, H*W, C) for
+    ``output_fmt="NLC"`` or become (B, C, H, W) maps on ``grid`` for ``"NCHW"``. With
+    ``return_prefix_tokens`` (and prefix tokens to return) each entry is a ``(map, prefix)`` pair.
+    """
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}")
+    prefix = [y[:, :num_prefix_tokens] for y in intermediates]
+    tokens = [y[:, num_prefix_tokens:] for y in intermediates]
+    if output_fmt == "NCHW":
+        tokens = [y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in tokens]
+    if return_prefix_tokens and num_prefix_tokens:
+        return list(zip(tokens, prefix))
+    return tokens
 
 
 class ChannelPadShortcut(nn.Module):
@@ -33,6 +104,7 @@ class ChannelPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
     def extra_repr(self) -> str:
+        """Stride and padding, shown in the module's repr."""
         return f"stride={self.stride}, pad=({self.pad_before}, {self.pad_after})"
 
 

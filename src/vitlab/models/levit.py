@@ -22,11 +22,14 @@ import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.levit import Attention as LevitAttention
-from timm.models.levit import ConvNorm, Levit, create_levit
+from timm.models.levit import ConvNorm, Levit, create_levit, model_cfgs
 
 from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from .layers import default_cfg
 
-# --- blocks -------------------------------------------------------------------------------------
+__all__ = ["Stem4", "levit_attention_probs", "levit_anatomy"]
+
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 class Stem4(nn.Sequential):
@@ -56,7 +59,7 @@ def levit_attention_probs(module: LevitAttention, inputs: tuple) -> torch.Tensor
     return (logits + module.get_attention_biases(x.device)).softmax(dim=-1)
 
 
-# --- anatomy ------------------------------------------------------------------------------------
+# --- anatomy --------------------------------------------------------------------------------------
 
 
 @register_anatomy(Levit)
@@ -83,8 +86,12 @@ def levit_anatomy(model: Levit) -> Anatomy:
 
 
 def _create_levit_32(variant: str, cfg_variant: str, pretrained: bool = False, **kwargs: Any) -> Levit:
-    from timm.models.levit import model_cfgs
+    """timm's ``cfg_variant`` LeViT with the 4x stem and no distillation head, for 32x32 images.
 
+    timm's ``Levit`` provides the rest of the timm protocol (``forward_intermediates``,
+    ``group_matcher``, ``set_grad_checkpointing``, ``no_weight_decay``); the stem is a plain
+    ``nn.Sequential``, so it works unchanged.
+    """
     width = kwargs.get("embed_dim", model_cfgs[cfg_variant]["embed_dim"])[0]
     stem = Stem4(kwargs.get("in_chans", 3), width)
     kwargs.setdefault("img_size", 32)
@@ -92,12 +99,8 @@ def _create_levit_32(variant: str, cfg_variant: str, pretrained: bool = False, *
                         **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": None, "crop_pct": 1.0,
-        "interpolation": "bicubic", "fixed_input_size": True, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-        "first_conv": "stem.conv1.linear", "classifier": "head.linear", **kwargs,
-    }
+def _cfg() -> dict[str, Any]:
+    return default_cfg(32, 10, first_conv="stem.conv1.linear", classifier="head.linear")
 
 
 default_cfgs = generate_default_cfgs({"levit_128s_32": _cfg(), "levit_128_32": _cfg(), "levit_256_32": _cfg()})

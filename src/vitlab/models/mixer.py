@@ -12,10 +12,15 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.mlp_mixer import MlpMixer, checkpoint_filter_fn
 
-# --- builder ------------------------------------------------------------------------------------
+from .layers import default_cfg
+
+__all__: list[str] = []  # register_model adds every variant
+
+# --- builder --------------------------------------------------------------------------------------
 
 
 def _create_small_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -> MlpMixer:
+    """timm's ``MlpMixer`` for ``variant`` (which has timm's whole model protocol)."""
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         MlpMixer,
@@ -27,29 +32,12 @@ def _create_small_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "stem.proj",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs(
     {
-        "mixer_nano_patch4_32": _cfg(),
-        "mixer_nano_patch8_32": _cfg(),
-        "mixer_tiny_patch4_32": _cfg(),
-        "mixer_small_patch4_32": _cfg(),
+        "mixer_nano_patch4_32": default_cfg(first_conv="stem.proj"),
+        "mixer_nano_patch8_32": default_cfg(first_conv="stem.proj"),
+        "mixer_tiny_patch4_32": default_cfg(first_conv="stem.proj"),
+        "mixer_small_patch4_32": default_cfg(first_conv="stem.proj"),
     }
 )
 

@@ -42,9 +42,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
+from .layers import default_cfg
 
 __all__ = ["QnALayer", "LocalSelfAttention", "QnABlock", "QnAStage", "QnAViT", "qna_attention_probs"]
 
@@ -55,7 +57,7 @@ DENSE_ATTENTION_MAX_TOKENS = 256
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 _GELU = partial(nn.GELU, approximate="tanh")
 
-# --- blocks -------------------------------------------------------------------------------------
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 class QnALayer(nn.Module):
@@ -359,21 +361,43 @@ class QnAStage(nn.Module):
                 raise ValueError(f"stage grid {grid_size[0]}x{grid_size[1]} is not divisible by the self-attention "
                                  f"window {lsa_window}; choose lsa_windows or img_size to match")
         self.lsa_window = lsa_window
+        self.has_downsample = downsample
+        self.grad_checkpointing = False
         dpr = list(drop_path) or [0.0] * (lsa_depth + qna_depth + int(downsample))
         block = partial(QnABlock, mlp_ratio=mlp_ratio, norm_layer=norm_layer, act_layer=act_layer)
         qna = partial(QnALayer, num_queries=num_queries, kernel_size=kernel_size)
-        blocks = [block(dim, LocalSelfAttention(dim, lsa_heads, lsa_window), drop_path=dpr[i]) for i in range(lsa_depth)]
+        blocks = [block(dim, LocalSelfAttention(dim, lsa_heads, lsa_window), drop_path=dpr[i])
+                  for i in range(lsa_depth)]
         blocks += [block(dim, qna(dim, num_heads=qna_heads), drop_path=dpr[lsa_depth + i]) for i in range(qna_depth)]
         if downsample:
             blocks.append(block(dim, qna(dim, 2 * dim, num_heads=2 * qna_heads, stride=2), out_dim=2 * dim,
                                 shortcut=StridedProjection(dim, 2 * dim), drop_path=dpr[lsa_depth + qna_depth]))
         self.blocks = nn.Sequential(*blocks)
 
+    def remove_downsample(self) -> None:
+        """Drop the stride-2 block that ends this stage (when the stages after it are pruned)."""
+        if self.has_downsample:
+            self.blocks = self.blocks[:-1]
+            self.has_downsample = False
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
+    def forward_intermediate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, output)``: the map before the downsampling block (at this stage's grid and
+        width) and the stage's output (the same map for a stage that does not downsample)."""
+        body = self.blocks[:-1] if self.has_downsample else self.blocks
+        for block in body:
+            x = self._run(block, x)
+        return x, (self._run(self.blocks[-1], x) if self.has_downsample else x)
 
-# --- model --------------------------------------------------------------------------------------
+
+# --- model class ----------------------------------------------------------------------------------
 
 
 class QnAViT(nn.Module):
@@ -428,6 +452,9 @@ class QnAViT(nn.Module):
         self.norm = _LayerNorm(dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.feature_info = [dict(num_chs=embed_dim * 2**i, reduction=patch_size * 2**i, module=f"stages.{i}")
+                             for i in range(num_stages)]
         self.apply(self._init_weights)
 
     @staticmethod
@@ -440,13 +467,32 @@ class QnAViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameter names (fnmatch patterns) kept out of weight decay."""
         # The official recipe exempts the position biases and the query mixing weights.
         return {"*.rel_pos_bias", "*.query_scale", "*.relative_position_bias_table"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping the parameters for layer-wise learning rates: patch embedding, then stages/blocks."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier (a Linear, or Identity without classes)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none); ``global_pool`` 'avg' or '' (no pooling)."""
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
@@ -456,7 +502,66 @@ class QnAViT(nn.Module):
         """Normalised final feature map, (B, H/32, W/32, num_features) for a 4-pixel patch."""
         return self.norm(self.stages(self.patch_embed(x)))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every stage's feature map at its own resolution, as timm's hierarchical models return them.
+
+        A stage's map is its features before the stride-2 block that ends it (the official code
+        downsamples at the end of a stage, timm's Swin at the start): widths ``embed_dim * 2**i`` at
+        strides ``patch_size * 2**i``, a feature pyramid. ``indices`` picks stages (the last n if an
+        int, all if None); ``norm`` applies the final LayerNorm to the last stage's map, the only one
+        of its width; ``stop_early`` skips the stages after the last one taken; ``output_fmt`` is
+        ``"NCHW"`` or the model's own ``"NHWC"``. Returns the intermediates, or
+        ``(forward_features output, intermediates)`` unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', not {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        last = len(self.stages) - 1
+        x = self.patch_embed(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            if i not in take_indices:
+                x = stage(x)
+                continue
+            features, x = stage.forward_intermediate(x)
+            if norm and i == last:
+                features = self.norm(features)
+            intermediates.append(features.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else features)
+        if intermediates_only:
+            return intermediates
+        # The final norm has the last stage's width: a run stopped earlier returns its map unnormalised.
+        return (self.norm(x) if len(stages) == len(self.stages) else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm, the classifier if asked).
+
+        A new last stage loses its downsampling block too, so the model ends at that stage's
+        resolution and width; the final norm (another width) and the classifier go with it.
+        """
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_end:
+            self.stages[-1].remove_downsample()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average the map (with ``global_pool="avg"``), then classify unless ``pre_logits``."""
         if self.global_pool == "avg":
             x = x.mean(dim=(1, 2))
         x = self.head_drop(x)
@@ -464,6 +569,9 @@ class QnAViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# --- anatomy --------------------------------------------------------------------------------------
 
 
 @register_anatomy(QnAViT)
@@ -487,37 +595,22 @@ def qna_anatomy(model: QnAViT) -> Anatomy:
                    prefix_tokens=0, patch_size=tuple(model.patch_embed.patch_size), image_size=model.img_size)
 
 
-# --- builder ------------------------------------------------------------------------------------
+# --- builder --------------------------------------------------------------------------------------
 
 
 def _create_qna_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> QnAViT:
-    return build_model_with_cfg(QnAViT, variant, pretrained, **kwargs)
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
+    """Build ``variant``; ``features_only=True`` gives timm's feature extractor over every stage."""
+    num_stages = len(kwargs.get("qna_depths", (2, 3, 2, 0)))
+    return build_model_with_cfg(QnAViT, variant, pretrained,
+                                feature_cfg=dict(out_indices=tuple(range(num_stages)), feature_cls="getter"), **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
     {
-        "qna_vit_tiny": _cfg(),
-        "qna_vit_small": _cfg(),
-        "qna_vit_base": _cfg(),
-        "qna_vit_tiny_32": _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(2, 2), crop_pct=1.0,
-                                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        "qna_vit_tiny": default_cfg(224, 1000, pool_size=(7, 7)),
+        "qna_vit_small": default_cfg(224, 1000, pool_size=(7, 7)),
+        "qna_vit_base": default_cfg(224, 1000, pool_size=(7, 7)),
+        "qna_vit_tiny_32": default_cfg(32, 10, pool_size=(2, 2)),
     }
 )
 

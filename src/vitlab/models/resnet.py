@@ -16,13 +16,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, ResNet
 
 from ..anatomy import register_anatomy, resnet_anatomy
-from .layers import ChannelPadShortcut
+from .layers import ChannelPadShortcut, default_cfg
 
-# --- model classes ------------------------------------------------------------------------------
+__all__ = ["CifarResNet", "CifarStemResNet"]
+
+# --- model class ----------------------------------------------------------------------------------
 
 
 class CifarResNet(nn.Module):
@@ -67,6 +70,7 @@ class CifarResNet(nn.Module):
 
         self.num_features = self.head_hidden_size = channels[-1]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.grad_checkpointing = False
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:
@@ -78,20 +82,82 @@ class CifarResNet(nn.Module):
                 if hasattr(m, "zero_init_last"):
                     m.zero_init_last()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Regexes grouping the parameters for layer-wise learning rates (timm's ResNet's)."""
+        return dict(stem=r"^conv1|bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier (a Linear, or Identity without classes)."""
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """A new classifier for ``num_classes`` (0: none) after ``global_pool`` ('' for none)."""
         self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
+    def _run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        stage = getattr(self, name)
+        return checkpoint_seq(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the last stage's feature map (B, C, H/4, W/4)."""
         x = self.act1(self.bn1(self.conv1(x)))
         for name in self.stages:
-            x = getattr(self, name)(x)
+            x = self._run_stage(name, x)
         return x
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stem's and every stage's feature map, as timm's ``ResNet.forward_intermediates``.
+
+        Index 0 is the stem, 1.. the stages; ``indices`` takes the last n (int), all (None) or the
+        listed ones; ``stop_early`` skips the stages after the last one taken. There is no final
+        norm, so ``norm`` changes nothing. Returns the intermediates, or
+        ``(forward_features output, intermediates)`` unless ``intermediates_only``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', not {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        intermediates = [x] if 0 in take_indices else []
+        names = self.stages[:max_index] if stop_early else self.stages
+        for i, name in enumerate(names, start=1):
+            x = self._run_stage(name, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Empty the stages after the last of ``indices`` (and drop the classifier), as timm's ResNet."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        for name in self.stages[max_index:]:
+            setattr(self, name, nn.Sequential())  # empty, so forward_features passes the map through
+        prune_end = max_index < len(self.stages)
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the map, then classify unless ``pre_logits``."""
         x = self.global_pool(x)
         if self.drop_rate:
             x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
@@ -99,9 +165,6 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-register_anatomy(CifarResNet)(resnet_anatomy)  # same layout as timm's ResNet: stem, layerN.i
 
 
 class CifarStemResNet(ResNet):
@@ -119,28 +182,23 @@ class CifarStemResNet(ResNet):
             info["reduction"] = max(info["reduction"] // 4, 1)
 
 
-# --- builders -----------------------------------------------------------------------------------
+# --- anatomy --------------------------------------------------------------------------------------
+
+register_anatomy(CifarResNet)(resnet_anatomy)  # same layout as timm's ResNet: stem, layerN.i
+
+
+# --- builder --------------------------------------------------------------------------------------
 
 
 def _create(cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``cls`` as ``variant``; ``features_only=True`` hooks the stem and every stage."""
     return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "fixed_input_size": False,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "conv1",
-        "classifier": "fc",
-        **kwargs,
-    }
+def _cfg(pool_size: tuple[int, int] = (8, 8)) -> dict[str, Any]:
+    # A CNN takes any input size; torchvision-style bilinear resizing, the classifier is ``fc``.
+    return default_cfg(pool_size=pool_size, interpolation="bilinear", fixed_input_size=False, first_conv="conv1",
+                       classifier="fc")
 
 
 default_cfgs = generate_default_cfgs(

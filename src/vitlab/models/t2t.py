@@ -36,10 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy, vit_block_residuals
+from .layers import default_cfg, tokens_to_intermediates
 
 __all__ = ["T2TViT", "TokensToToken", "TokenPerformer", "TokenTransformer", "sinusoid_position_table"]
 
@@ -48,7 +50,7 @@ SoftSplits = Sequence[tuple[int, int, int]]
 PAPER_SPLITS: SoftSplits = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 SPLITS_32: SoftSplits = ((3, 1, 1), (3, 2, 1), (3, 2, 1))
 
-# --- blocks -------------------------------------------------------------------------------------
+# --- blocks ---------------------------------------------------------------------------------------
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -109,6 +111,7 @@ class TokenPerformer(nn.Module):
         return torch.exp(x @ self.w.t().to(x.dtype) - half_sq_norm) / math.sqrt(self.num_random_features)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Performer attention of the normalised tokens (B, T, dim) -> (B, T, out_dim), ``v`` as residual."""
         dtype = x.dtype
         # exp() overflows easily in half precision: the kernel runs in float32, as officially.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -232,7 +235,7 @@ class TokensToToken(nn.Module):
         return self.project(x)
 
 
-# --- model --------------------------------------------------------------------------------------
+# --- model class ----------------------------------------------------------------------------------
 
 
 class T2TViT(nn.Module):
@@ -282,6 +285,9 @@ class T2TViT(nn.Module):
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        reduction = self.tokens_to_token.strides[-1]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"blocks.{i}") for i in range(depth)]
 
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
@@ -298,30 +304,97 @@ class T2TViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay (timm's ViT convention)."""
         return {"cls_token"}  # pos_embed and the random features are frozen anyway
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping the parameters for layer-wise learning rates: T2T module and embedding, then blocks."""
+        return dict(stem=r"^cls_token|^pos_embed|^tokens_to_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each backbone block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        """The backbone's token grid (rows, columns)."""
         return self.tokens_to_token.grid_size
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The classifier (a Linear, or Identity without classes)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none) on the class token."""
         if global_pool not in (None, "token"):
             raise ValueError(f"T2T-ViT classifies from its class token, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens (B, 1 + grid tokens, embed_dim), the class token first."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the tokens entering block 1: T2T tokens, class token, position embedding."""
         x = self.tokens_to_token(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        x = self.blocks(x)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens (B, 1 + grid tokens, embed_dim), the class token first."""
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Backbone block outputs as timm's ``VisionTransformer.forward_intermediates`` returns them.
+
+        ``indices``: the last n blocks (int), all (None) or the listed ones; ``norm`` applies the
+        final norm to each; ``stop_early`` skips the blocks after the last one taken. Maps are
+        (B, embed_dim, H, W) on the backbone's grid (``output_fmt="NLC"``: tokens), each with the
+        class token when ``return_prefix_tokens``. Returns the intermediates, or
+        ``(forward_features output, intermediates)`` unless ``intermediates_only``.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        intermediates = tokens_to_intermediates(intermediates, self.grid_size, self.num_prefix_tokens, output_fmt,
+                                                return_prefix_tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the classifier if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The class token, classified unless ``pre_logits``."""
         x = x[:, 0]
         return x if pre_logits else self.head(x)
 
@@ -329,7 +402,7 @@ class T2TViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- anatomy ------------------------------------------------------------------------------------
+# --- anatomy --------------------------------------------------------------------------------------
 
 
 @register_anatomy(T2TViT)
@@ -352,7 +425,8 @@ def t2t_anatomy(model: T2TViT) -> Anatomy:
     patch = to_2tuple(t2t.strides[-1])
     sites += [AttentionSite(f"blocks.{i}.attn", f"block{i + 1}", blk.attn.num_heads, t2t.grid_size, patch, 1)
               for i, blk in enumerate(model.blocks)]
-    residuals = [site for i in range(len(model.blocks)) for site in vit_block_residuals(f"blocks.{i}", f"block{i + 1}", 1)]
+    residuals = [site for i in range(len(model.blocks))
+                 for site in vit_block_residuals(f"blocks.{i}", f"block{i + 1}", 1)]
     return Anatomy(family="t2t", layers=layers, attention=sites, grid=t2t.grid_size, prefix_tokens=1,
                    patch_size=patch, image_size=t2t.img_size, residuals=residuals,
                    mlp_activations=[(f"block{i + 1}", f"blocks.{i}.mlp.act") for i in range(len(model.blocks))])
@@ -362,26 +436,16 @@ def t2t_anatomy(model: T2TViT) -> Anatomy:
 
 
 def _create_t2t(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return build_model_with_cfg(T2TViT, variant, pretrained, **kwargs)
+    """Build ``variant``; ``features_only=True`` gives timm's feature extractor (the last three blocks)."""
+    return build_model_with_cfg(T2TViT, variant, pretrained,
+                                feature_cfg=dict(out_indices=min(3, kwargs.get("depth", 12)), feature_cls="getter"),
+                                **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,  # the position embedding is sized for one grid
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "classifier": "head",
-        **kwargs,
-    }
+def _cfg(input_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
+    # The official crop is 0.9 at 224; the soft splits have no convolution to name as first_conv.
+    return default_cfg(input_size, num_classes, first_conv=None, **({} if input_size == 32 else {"crop_pct": 0.9}))
 
-
-_CFG_32 = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 default_cfgs = generate_default_cfgs(
     {
@@ -394,9 +458,9 @@ default_cfgs = generate_default_cfgs(
         "t2t_vit_t_14": _cfg(),
         "t2t_vit_t_19": _cfg(),
         "t2t_vit_t_24": _cfg(),
-        "t2t_vit_7_32": _cfg(**_CFG_32),
-        "t2t_vit_14_32": _cfg(**_CFG_32),
-        "t2t_vit_t_14_32": _cfg(**_CFG_32),
+        "t2t_vit_7_32": _cfg(32, 10),
+        "t2t_vit_14_32": _cfg(32, 10),
+        "t2t_vit_t_14_32": _cfg(32, 10),
     }
 )
 

@@ -17,12 +17,15 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .layers import freeze_sincos_pos_embed_
+from .layers import default_cfg, freeze_sincos_pos_embed_
 
-# --- builder ------------------------------------------------------------------------------------
+__all__: list[str] = []  # register_model adds every variant
+
+# --- builder --------------------------------------------------------------------------------------
 
 
 def _create_small_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """timm's ``VisionTransformer`` for ``variant``; ``pos_embed="sincos"`` freezes a 2-D sin-cos table."""
     out_indices = kwargs.pop("out_indices", 3)
     sincos = kwargs.get("pos_embed") == "sincos"
     if sincos:
@@ -41,33 +44,16 @@ def _create_small_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     return model
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs(
     {
-        "vit_nano_patch4_32": _cfg(),
-        "vit_nano_patch4_gap_32": _cfg(),
-        "vit_nano_patch8_32": _cfg(),
-        "vit_nano_patch8_sincos_32": _cfg(),
-        "vit_micro_patch4_32": _cfg(),
-        "vit_tiny_patch4_32": _cfg(),
-        "vit_tiny_patch2_32": _cfg(),
-        "vit_small_patch4_32": _cfg(),
+        "vit_nano_patch4_32": default_cfg(),
+        "vit_nano_patch4_gap_32": default_cfg(),
+        "vit_nano_patch8_32": default_cfg(),
+        "vit_nano_patch8_sincos_32": default_cfg(),
+        "vit_micro_patch4_32": default_cfg(),
+        "vit_tiny_patch4_32": default_cfg(),
+        "vit_tiny_patch2_32": default_cfg(),
+        "vit_small_patch4_32": default_cfg(),
     }
 )
 
