@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
+from .analysis.catalog import REGISTRY
 from .analysis.registry import AnalysisResults, RunOptions
 from .analysis.subjects import Subject, load_subject, subject_from_run
 from .analysis.suite import check_analyses, run_analyses
@@ -198,7 +199,7 @@ def _analyse(subjects: Sequence[Subject], data: DataConfig, analyses: Sequence[s
                 init_subjects[s.name] = subject_from_run(s.run_dir, name=f"{s.name} (init)", weights=INIT_WEIGHTS)
     results = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader), options=options,
                            train_loader=train_loader, init_subjects=init_subjects, trained_on=trained_on)
-    label_based = [a for a in ("robustness", "shape_bias", "early_exits") if a in analyses]
+    label_based = [a.name for a in REGISTRY if a.name in analyses and a.reads_classifier]
     for s in subjects:
         if s.run_dir is not None and label_based and is_self_supervised(s.run_dir):
             results.notes.append(f"{s.name} is self-supervised ({s.supervision}): its classifier never saw a label, "

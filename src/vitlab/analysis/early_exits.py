@@ -252,4 +252,5 @@ ANALYSIS = Analysis(
             "up and to the left are better, and the curve's flat part is compute the exits save for free.",
     paper="Bakhtiarnia et al. 2022",
     run=run,
+    reads_classifier=True,
 )

@@ -183,6 +183,8 @@ class Analysis:
     default: bool = True
     #: A derived analysis reads the results of these (``Context.done``) and runs whenever one of them does.
     derived_from: tuple[str, ...] = ()
+    #: Its numbers come from the model's classifier (meaningless for a self-supervised run until fine-tuned).
+    reads_classifier: bool = False
 
     @property
     def streamed(self) -> bool:

@@ -269,5 +269,6 @@ ANALYSIS = Analysis(
     prefix="robustness_",
     check=check,
     run=run,
+    reads_classifier=True,
     figures=(Figure(arrange="panels", panels=_tests_drawn, width=4.2, height=3.6),),
 )

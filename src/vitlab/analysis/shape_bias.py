@@ -262,6 +262,7 @@ ANALYSIS = Analysis(
     options=ShapeBiasOptions,
     prefix="shape_bias_",
     run=run,
+    reads_classifier=True,
     figures=(Figure(arrange="shared", draw=lambda ax, results: plot_shape_bias(ax, results), width=7.0,
                     height=lambda results: 1.0 + 0.7 * len(results)),),
 )
