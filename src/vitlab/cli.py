@@ -366,7 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)
     try:
-        return args.func(args)
+        code = args.func(args)
+        from . import distributed
+
+        distributed.finish()
+        return code
     except VitlabError as e:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,18 @@ def _several() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def finish() -> None:
+    """Leave the process group once every process is done (a no-op outside torchrun).
+
+    A process that exits while gloo's threads still run aborts ("terminate called without an
+    active exception"), so a job that finished its work waits for the others, then closes the group.
+    """
+    if dist.is_initialized():
+        if _several():
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if _several():
         dist.barrier()
