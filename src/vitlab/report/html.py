@@ -151,25 +151,25 @@ def _sections(registration: Analysis, results: dict[str, Any], n: int) -> list[s
         for group in groups:
             key = next(iter(group))
             heading = title.format(key=key)
-            png = _draw(figure, list(group.values()))
+            png = draw_figure(figure, list(group.values()))
             text = figure.text(list(group.values())) if figure.text else ""
             out.append(f"<h2>{html.escape(heading)}</h2>" + _figure(png, caption.format(n=n, key=key), heading)
                        + (f"<p>{html.escape(text)}</p>" if text else ""))
     return out
 
 
-def _draw(figure: Figure, results: list[Any]) -> bytes:
-    """One figure of ``results`` laid out as ``figure`` says."""
+def draw_figure(figure: Figure, results: list[Any], dpi: int = 110) -> bytes:
+    """One figure of ``results`` laid out as ``figure`` says, as PNG bytes."""
     height = figure.height(results) if callable(figure.height) else figure.height
     if figure.arrange == "panels":  # one axis per panel, every result drawn on each
         panels = figure.panels(results)
         return figure_png(lambda axes: [r.plot(ax, panel) for panel, ax in zip(panels, axes) for r in results],
-                          ncols=len(panels), width=figure.width, height=height)
+                          ncols=len(panels), width=figure.width, height=height, dpi=dpi)
     if figure.arrange == "shared":  # one axis for all
-        return figure_png(lambda axes: figure.draw(axes[0], results), width=figure.width, height=height)
+        return figure_png(lambda axes: figure.draw(axes[0], results), width=figure.width, height=height, dpi=dpi)
     rows = figure.arrange == "rows"
     return figure_png(lambda axes: [r.plot(ax) for r, ax in zip(results, axes)], width=figure.width, height=height,
-                      **({"nrows": len(results)} if rows else {"ncols": len(results)}))
+                      dpi=dpi, **({"nrows": len(results)} if rows else {"ncols": len(results)}))
 
 
 def write_report(out_dir: str | Path, subjects: Sequence[Subject], analysis: AnalysisResults,
