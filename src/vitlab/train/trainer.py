@@ -131,6 +131,33 @@ class Position:
     sums: EpochSums = field(default_factory=EpochSums)
 
 
+@dataclass
+class Run:
+    """What the loop works with, built once by :func:`train`."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    world: World
+    #: Whether this process shows progress (rank 0, unless progress is off).
+    show: bool
+    data: Data
+    model: nn.Module
+    task: Task
+    #: The task's module as the step runs it: wrapped by DDP under torchrun, compiled with --compile.
+    net: nn.Module
+    opt: Optimisation
+    precision: str
+    channels_last: bool
+    val_loader: DataLoader
+    entropy_probe: SpatialEntropyProbe | None
+    #: A linear probe's frozen modules, kept in eval mode while the rest trains.
+    frozen: list[nn.Module]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.batches.steps_per_epoch
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path | None = None,
@@ -175,26 +202,17 @@ def train(
     net = DistributedDataParallel(task.module, find_unused_parameters=task.unused_parameters) \
         if world.distributed else task.module
     net = accel.compile_model(net) if cfg.accel.compile else net
-    val_loader = data.val_loader(task, world, cfg)
     entropy_probe = SpatialEntropyProbe(model, cfg.model) if cfg.spatial_entropy else None
-    params = count_parameters(model)
-
-    def save(position: Position, global_step: int) -> None:
-        checkpoint(run_dir, cfg, model, task, opt, position, global_step, params, world)
+    run = Run(cfg, run_dir, world, show, data, model, task, net, opt, precision, channels_last,
+              data.val_loader(task, world, cfg), entropy_probe, frozen)
 
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch + 1)
     with entropy_probe or contextlib.nullcontext():
         for epoch in range(position.epoch, last_epoch):
-            net.train()
-            for module in frozen:  # a linear probe: the frozen features stay in eval mode (BatchNorm, dropout)
-                module.eval()
-            finished = run_epoch(cfg, epoch, position, net, task, model, opt, data, entropy_probe, precision,
-                                 channels_last, world, show, save, stop_after_step)
-            if not finished:  # "killed" right after a checkpoint
+            if not run_epoch(run, epoch, position, stop_after_step):  # "killed" right after a checkpoint
                 return TrainResult(run_dir, model, cfg, data.info, position.metrics)
-            end_epoch(cfg, epoch, position, task, model, opt, data, val_loader, entropy_probe, precision, world,
-                      show, run_dir)
-            save(position, (epoch + 1) * data.batches.steps_per_epoch)
+            end_epoch(run, epoch, position)
+            checkpoint(run, position, (epoch + 1) * run.steps_per_epoch)
     return TrainResult(run_dir, model, cfg, data.info, position.metrics)
 
 
@@ -282,23 +300,24 @@ def check_resize_stages(cfg: TrainConfig, model: nn.Module, info: DatasetInfo) -
 # --- loop -------------------------------------------------------------------------------------------
 
 
-def run_epoch(cfg: TrainConfig, epoch: int, position: Position, net: nn.Module, task: Task, model: nn.Module,
-              opt: Optimisation, data: Data, entropy_probe: SpatialEntropyProbe | None, precision: str,
-              channels_last: bool, world: World, show: bool, save, stop_after_step: int | None) -> bool:
+def run_epoch(run: Run, epoch: int, position: Position, stop_after_step: int | None = None) -> bool:
     """The steps of one epoch from ``position.step``; False if the run stops after ``stop_after_step``."""
-    steps_per_epoch = data.batches.steps_per_epoch
-    data.batches.set_epoch(epoch, start_step=position.step)
-    bar = tqdm(data.train_loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", disable=not show,
-               leave=False, unit="batch", dynamic_ncols=True, initial=position.step, total=steps_per_epoch)
+    cfg, opt = run.cfg, run.opt
+    run.net.train()
+    for module in run.frozen:  # a linear probe: the frozen features stay in eval mode (BatchNorm, dropout)
+        module.eval()
+    run.data.batches.set_epoch(epoch, start_step=position.step)
+    bar = tqdm(run.data.train_loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", disable=not run.show,
+               leave=False, unit="batch", dynamic_ncols=True, initial=position.step, total=run.steps_per_epoch)
     train_size = cfg.train_size_at(epoch)  # progressive resizing: this epoch's stage (None: full size)
     sums, started = position.sums, time.perf_counter()
     for step, (images, labels) in enumerate(bar, start=position.step):
-        global_step = epoch * steps_per_epoch + step
+        global_step = epoch * run.steps_per_epoch + step
         if stop_after_step is not None and global_step >= stop_after_step:
             return False
-        images, labels = images.to(world.device, non_blocking=True), labels.to(world.device, non_blocking=True)
-        loss, correct, entropy = train_step(cfg, global_step, images, labels, net, task, model, opt, entropy_probe,
-                                            precision, channels_last, train_size, world, steps_per_epoch)
+        device = run.world.device
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss, correct, entropy = train_step(run, global_step, images, labels, train_size)
         n = labels.shape[0]
         sums.loss += loss * n
         sums.correct += correct
@@ -308,20 +327,19 @@ def run_epoch(cfg: TrainConfig, epoch: int, position: Position, net: nn.Module, 
         if not math.isnan(sums.correct):  # MAE and DINO have no training accuracy to show
             shown["acc"] = f"{sums.correct / sums.seen:.3f}"
         bar.set_postfix(**shown, lr=f"{opt.lr:.1e}", refresh=False)
-        if cfg.checkpoint.every and (global_step + 1) % cfg.checkpoint.every == 0 and step + 1 < steps_per_epoch:
+        if cfg.checkpoint.every and (global_step + 1) % cfg.checkpoint.every == 0 and step + 1 < run.steps_per_epoch:
             sums.seconds += time.perf_counter() - started
             started = time.perf_counter()
             position.step = step + 1
-            save(position, global_step + 1)
+            checkpoint(run, position, global_step + 1)
     sums.seconds += time.perf_counter() - started
     return True
 
 
-def train_step(cfg: TrainConfig, global_step: int, images: torch.Tensor, labels: torch.Tensor, net: nn.Module,
-               task: Task, model: nn.Module, opt: Optimisation, entropy_probe: SpatialEntropyProbe | None,
-               precision: str, channels_last: bool, train_size: int | None, world: World,
-               steps_per_epoch: int) -> tuple[float, float, float]:
+def train_step(run: Run, global_step: int, images: torch.Tensor, labels: torch.Tensor,
+               train_size: int | None) -> tuple[float, float, float]:
     """One optimizer step; returns the batch's loss, its right predictions and its spatial entropy."""
+    cfg, opt, world = run.cfg, run.opt, run.world
     opt.scheduler.step_update(global_step)
     step_seed = mix_seed(cfg.seed, global_step, world.rank)  # dropout, stochastic depth, mixing of this step
     seed_all(step_seed)
@@ -329,29 +347,29 @@ def train_step(cfg: TrainConfig, global_step: int, images: torch.Tensor, labels:
         torch.cuda.manual_seed(step_seed)
     if train_size is not None:
         images = F.interpolate(images, size=(train_size, train_size), mode="bilinear", antialias=True)
-    if channels_last:
+    if run.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     entropy = torch.zeros(())
     try:
-        with accel.autocast(precision, world.device):
-            loss, correct = task.batch_loss(net, images, labels, global_step)
-            if entropy_probe is not None:
-                entropy = entropy_probe.loss()
-                weight = entropy_weight(global_step, cfg.epochs * steps_per_epoch,
-                                        round(cfg.spatial_entropy_warmup * steps_per_epoch), cfg.spatial_entropy)
+        with accel.autocast(run.precision, world.device):
+            loss, correct = run.task.batch_loss(run.net, images, labels, global_step)
+            if run.entropy_probe is not None:
+                entropy = run.entropy_probe.loss()
+                weight = entropy_weight(global_step, cfg.epochs * run.steps_per_epoch,
+                                        round(cfg.spatial_entropy_warmup * run.steps_per_epoch), cfg.spatial_entropy)
                 loss = loss + weight * entropy
         if not torch.isfinite(loss):
             raise VitlabError(f"loss became {loss.item()} at step {global_step} (epoch "
-                              f"{global_step // steps_per_epoch + 1}); lower --lr or raise --warmup-epochs (the "
+                              f"{global_step // run.steps_per_epoch + 1}); lower --lr or raise --warmup-epochs (the "
                               "last good checkpoint is kept)")
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
-            nn.utils.clip_grad_norm_(task.module.parameters(), cfg.optim.grad_clip)
+            nn.utils.clip_grad_norm_(run.task.module.parameters(), cfg.optim.grad_clip)
         opt.optimizer.step()
-        task.after_step(global_step)  # DINO: the teacher and the centre follow the student
+        run.task.after_step(global_step)  # DINO: the teacher and the centre follow the student
         if opt.ema is not None:
-            opt.ema.update(model, step=global_step)
+            opt.ema.update(run.model, step=global_step)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         raise out_of_memory_error(e, cfg.batch_size // world.world_size, global_step) from None
     return loss.item(), correct, entropy.item()
@@ -360,33 +378,32 @@ def train_step(cfg: TrainConfig, global_step: int, images: torch.Tensor, labels:
 # --- evaluate ---------------------------------------------------------------------------------------
 
 
-def end_epoch(cfg: TrainConfig, epoch: int, position: Position, task: Task, model: nn.Module, opt: Optimisation,
-              data: Data, val_loader: DataLoader, entropy_probe: SpatialEntropyProbe | None, precision: str,
-              world: World, show: bool, run_dir: Path) -> None:
+def end_epoch(run: Run, epoch: int, position: Position) -> None:
     """Validate, append the epoch's metrics row, write the user-facing files and move to the next epoch."""
+    cfg, opt, task, world = run.cfg, run.opt, run.task, run.world
     total = position.sums.reduced()
     elapsed = (position.metrics[-1]["time_s"] if position.metrics else 0.0) + position.sums.seconds
-    val = task.evaluate(val_loader, world.device, precision, progress=show)
-    row = dict(epoch=epoch + 1, step=(epoch + 1) * data.batches.steps_per_epoch, lr=opt.lr,
+    val = task.evaluate(run.val_loader, world.device, run.precision, progress=run.show)
+    row = dict(epoch=epoch + 1, step=(epoch + 1) * run.steps_per_epoch, lr=opt.lr,
                train_loss=total.loss / total.seen, train_acc=total.correct / total.seen,
                val_loss=val.pop("val_loss"), val_acc=val.pop("val_acc"), time_s=round(elapsed, 3),
                images_per_s=round(total.seen / max(position.sums.seconds, 1e-9), 1))
     if cfg.progressive_resize:
-        row["train_size"] = cfg.train_size_at(epoch) or data.info.image_size
-    if entropy_probe is not None:
+        row["train_size"] = cfg.train_size_at(epoch) or run.data.info.image_size
+    if run.entropy_probe is not None:
         row["spatial_entropy"] = total.entropy / total.seen
     if opt.ema is not None and task.validates_ema:  # under an objective the EMA's classifier is untrained
-        ema = task.evaluate(val_loader, world.device, precision, model=opt.ema.module)
+        ema = task.evaluate(run.val_loader, world.device, run.precision, model=opt.ema.module)
         row["val_loss_ema"], row["val_acc_ema"] = ema["val_loss"], ema["val_acc"]
     row.update(val)  # the task's further figures (flip TTA)
     position.metrics.append(row)
-    if show:
+    if run.show:
         _print_epoch(cfg, row)
     if world.is_main:  # the user-facing files first, then the checkpoint that commits the epoch
-        rundir.save_weights(run_dir, model)
+        rundir.save_weights(run.run_dir, run.model)
         if opt.ema is not None:
-            rundir.save_weights(run_dir, opt.ema.module, rundir.EMA_WEIGHTS)
-        rundir.write_metrics(run_dir, position.metrics)
+            rundir.save_weights(run.run_dir, opt.ema.module, rundir.EMA_WEIGHTS)
+        rundir.write_metrics(run.run_dir, position.metrics)
     position.epoch, position.step, position.sums = epoch + 1, 0, EpochSums()
 
 
@@ -400,25 +417,26 @@ def _print_epoch(cfg: TrainConfig, m: dict[str, float]) -> None:
 # --- checkpoint -------------------------------------------------------------------------------------
 
 
-def checkpoint(run_dir: Path, cfg: TrainConfig, model: nn.Module, task: Task, opt: Optimisation, position: Position,
-               global_step: int, params: int, world: World) -> None:
+def checkpoint(run: Run, position: Position, global_step: int) -> None:
     """Commit the run's position, weights, optimizer, metrics and unfinished sums in one file.
 
     A checkpoint is the one commit point, so a run killed between two file writes resumes from a
     consistent state; no RNG state is needed (see the module docstring).
     """
+    model, opt = run.model, run.opt
     if not all(torch.isfinite(p).all() for p in model.parameters()):  # never commit broken weights
         raise VitlabError(f"the weights became NaN or infinite at step {global_step}; lower --lr or raise "
                           "--warmup-epochs (the last good checkpoint is kept)")
-    if world.is_main:
-        state = task.state()
-        rundir.save_checkpoint(run_dir, {
+    if run.world.is_main:
+        state = run.task.state()
+        rundir.save_checkpoint(run.run_dir, {
             "position": {"epoch": position.epoch, "step": position.step}, "model": model.state_dict(),
             "optimizer": opt.optimizer.state_dict(), "metrics": position.metrics,
             "sums": dataclasses.asdict(position.sums),
             **({"ema": opt.ema.module.state_dict()} if opt.ema is not None else {}),
             **({"task": state} if state is not None else {}),
-            "params": params, "torch_version": str(torch.__version__)}, global_step, cfg.checkpoint.keep)
+            "params": count_parameters(model), "torch_version": str(torch.__version__)},
+            global_step, run.cfg.checkpoint.keep)
     distributed.barrier()
 
 
