@@ -19,7 +19,6 @@ from vitlab.analysis.subjects import subject_from_run
 from vitlab.analysis.suite import analysis_options, run_analyses
 from vitlab.compare import analysis_loader, default_data
 from vitlab.report.html import draw_figure
-from vitlab.runs import INIT_WEIGHTS
 
 OUT = Path(__file__).parent / "figures"
 
@@ -36,8 +35,6 @@ def main() -> None:
         subjects, loader, [a.name for a in REGISTRY], total=len(loader),
         options=analysis_options(featvis_steps=200, probe_images=2048),
         train_loader=lambda: analysis_loader(data, 10**9, 128, split="train"),
-        init_subjects={s.name: subject_from_run(run, name=f"{s.name} (init)", weights=INIT_WEIGHTS)
-                       for s, run in zip(subjects, args.runs)},
         trained_on={s.name: "shapes (random textures)" for s in subjects})
     OUT.mkdir(exist_ok=True)
     for analysis in REGISTRY:

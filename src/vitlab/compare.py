@@ -28,7 +28,7 @@ from .errors import VitlabError
 from .io import timestamp
 from .models import check_model_name
 from .report.html import ReportMeta, write_report
-from .runs import INIT_WEIGHTS, WEIGHTS, read_config
+from .runs import WEIGHTS, read_config
 from .train import train
 
 _RUN = RunOptions()  # the declared defaults of --analysis-images and --analysis-batch-size
@@ -189,16 +189,10 @@ def _analyse(subjects: Sequence[Subject], data: DataConfig, analyses: Sequence[s
              batch_size: int, seed: int, progress: bool, options: Any) -> AnalysisResults:
     """The analysis suite over ``data``'s validation images, with what the separate analyses need."""
     loader = analysis_loader(data, analysis_images, batch_size, seed=seed, progress=progress)
-    train_loader = (lambda: analysis_loader(data, 10**9, batch_size, seed=seed, split="train")) \
-        if "probes" in analyses else None
-    init_subjects, trained_on = {}, {}
-    for s in subjects:
-        if s.run_dir is not None:
-            trained_on[s.name] = _training_data(s.run_dir)
-            if "feature_reuse" in analyses and (s.run_dir / INIT_WEIGHTS).exists():
-                init_subjects[s.name] = subject_from_run(s.run_dir, name=f"{s.name} (init)", weights=INIT_WEIGHTS)
+    trained_on = {s.name: _training_data(s.run_dir) for s in subjects if s.run_dir is not None}
     results = run_analyses(subjects, loader, analyses, progress=progress, total=len(loader), options=options,
-                           train_loader=train_loader, init_subjects=init_subjects, trained_on=trained_on)
+                           train_loader=lambda: analysis_loader(data, 10**9, batch_size, seed=seed, split="train"),
+                           trained_on=trained_on)
     label_based = [a.name for a in REGISTRY if a.name in analyses and a.reads_classifier]
     for s in subjects:
         if s.run_dir is not None and label_based and is_self_supervised(s.run_dir):

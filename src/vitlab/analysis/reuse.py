@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..capture import Capture
 from ..errors import VitlabError
+from ..runs import INIT_WEIGHTS
 from .cka import MinibatchCKA
 from .registry import Analysis, Context
 from .results import to_jsonable
@@ -114,11 +115,20 @@ class FeatureReuseResult:
 # --- in the suite -------------------------------------------------------------------------------
 
 
+def initial_subject(subject: Any) -> Any:
+    """The subject's run at initialisation (its ``init.safetensors``), or None without one."""
+    from .subjects import subject_from_run
+
+    if subject.run_dir is None or not (subject.run_dir / INIT_WEIGHTS).exists():
+        return None
+    return subject_from_run(subject.run_dir, name=f"{subject.name} (init)", weights=INIT_WEIGHTS)
+
+
 def run(context: Context) -> dict[str, FeatureReuseResult]:
     """Each run against its initial weights, and two runs of one architecture against each other."""
     out = {}
     for s in context.subjects:
-        init = context.init_subjects.get(s.name)
+        init = context.init_subjects.get(s.name) or initial_subject(s)
         if init is not None:
             out[f"{s.name} vs initialisation"] = feature_reuse(s, init, context.loader, progress=context.progress)
     # Two runs of the same architecture (e.g. before and after fine-tuning) are compared directly.
