@@ -134,3 +134,17 @@ def test_every_analysis_option_can_be_set_from_the_command_line(leaf):
     from vitlab.options import given
 
     assert value_at(merged(cls(), given(args, added)), leaf.path) == value
+
+
+def test_a_config_written_before_the_sections_loads_unchanged(tmp_path):
+    """A run directory's config.yaml from before the sections existed (one flat mapping) still loads."""
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent / "data" / "flat_config_0.1.yaml")
+    assert (cfg.model, cfg.epochs, cfg.objective) == ("vit_nano_patch4_32", 3, "mae")
+    assert (cfg.optim.lr, cfg.optim.warmup_lr, cfg.optim.momentum, cfg.optim.grad_clip) == (3e-4, 1e-5, 0.8, 1.0)
+    assert (cfg.mix_prob, cfg.mae.mask_ratio, cfg.dino.prototypes, cfg.eval_batch_size) == (0.5, 0.6, 256, 64)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.accel.precision) == (50, 2, "auto")
+    assert (cfg.finetune.mode, cfg.finetune.reinit_blocks) == ("linear", 1)
+    assert (cfg.data.num_train, cfg.data.root, cfg.data.augment) == (512, "/data/cifar", "none")
+    assert load_config_text(tmp_path, dump_config(cfg)) == cfg  # and it is written back in sections
