@@ -18,7 +18,7 @@ A module that never forms them (LeViT's) gets a ``recompute`` function in its
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -115,18 +115,22 @@ class Anatomy:
 
     @property
     def layer_names(self) -> list[str]:
+        """Module paths of the analysable layers, in depth order."""
         return [layer.name for layer in self.layers]
 
     @property
     def layer_labels(self) -> list[str]:
+        """Short plot labels of the analysable layers, in depth order."""
         return [layer.label for layer in self.layers]
 
     @property
     def has_attention(self) -> bool:
+        """Whether the model has attention modules (False for CNNs and Mixers)."""
         return bool(self.attention)
 
     @property
     def attention_names(self) -> list[str]:
+        """Module paths of the attention modules, in depth order."""
         return [site.name for site in self.attention]
 
 
@@ -154,7 +158,7 @@ def anatomy(model: nn.Module) -> Anatomy:
     raise VitlabError(f"vitlab cannot find the layers of {type(model).__name__}; supported families: {known}")
 
 
-def pair(value) -> tuple[int, int]:
+def pair(value: int | Iterable[int]) -> tuple[int, int]:
     """``value`` as a (rows, columns) tuple."""
     return (value, value) if isinstance(value, int) else tuple(value)
 

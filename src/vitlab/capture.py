@@ -11,7 +11,7 @@ is removed on exit, also when the body raises.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, KeysView, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ from .errors import VitlabError
 Reducer = Callable[[str, torch.Tensor], None]
 
 
-def _first_tensor(output):
+def _first_tensor(output: torch.Tensor | tuple | list) -> torch.Tensor:
     # Some modules return tuples (e.g. (tokens, aux)); the representation comes first.
     while isinstance(output, (tuple, list)):
         output = output[0]
@@ -84,14 +84,14 @@ class Capture:
         self._handles, self._fused = [], []
 
     def _layer_hook(self, name: str):
-        def hook(module, inputs, output):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor | tuple) -> None:
             if self.on_layer is not None:
                 self.on_layer(name, _first_tensor(output).detach())
 
         return hook
 
     def _recompute_hook(self, site: AttentionSite):
-        def hook(module, inputs, output):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor | tuple) -> None:
             if self.on_attention is not None:
                 with torch.no_grad():
                     self.on_attention(site.name, site.recompute(module, inputs).detach())
@@ -99,7 +99,7 @@ class Capture:
         return hook
 
     def _attention_hook(self, name: str):
-        def hook(module, inputs, output):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             # The input of attn_drop: probabilities before attention dropout.
             if self.on_attention is not None:
                 self.on_attention(name, inputs[0].detach())
@@ -150,10 +150,12 @@ class Store:
         self.outputs: dict[str, list[torch.Tensor]] = {}
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one batch's output of layer ``name`` (moved to the CPU)."""
         self.outputs.setdefault(name, []).append(tensor.cpu())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return torch.cat(self.outputs[name])
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
+        """The names of the layers stored so far."""
         return self.outputs.keys()

@@ -14,10 +14,15 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import options
 from .errors import VitlabError
+
+if TYPE_CHECKING:
+    from .compare import CompareResult
+    from .config import TrainConfig
+    from .train import TrainResult
 
 EPILOG = "Run `vitlab COMMAND --help` for the options of each command."
 
@@ -227,7 +232,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result) -> None:
+def _print_summary(result: CompareResult) -> None:
     from . import distributed
 
     if not distributed.current().is_main:  # under torchrun rank 0 speaks for all
@@ -240,7 +245,7 @@ def _print_summary(result) -> None:
     print(f"report: {result.report}")
 
 
-def run_config(args: argparse.Namespace):
+def run_config(args: argparse.Namespace) -> TrainConfig:
     """The config a ``train``, ``pretrain`` or ``finetune`` command line describes (without resuming).
 
     It starts from ``--recipe`` or ``--config`` (else the defaults; for ``finetune``, the source
@@ -269,7 +274,7 @@ def run_config(args: argparse.Namespace):
     return base.merged(given)
 
 
-def _finetune_base(source_dir: str):
+def _finetune_base(source_dir: str) -> TrainConfig:
     """The source run's architecture, with classes and image size left to the new data."""
     from .config import TrainConfig
     from .runs import ARCHITECTURE_FIELDS, read_config
@@ -296,7 +301,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _report_training(result)
 
 
-def _report_training(result) -> int:
+def _report_training(result: TrainResult) -> int:
     from . import distributed
 
     if not distributed.current().is_main:

@@ -68,6 +68,9 @@ def default_data() -> DataConfig:
 
 @dataclass
 class CompareResult:
+    """What :func:`compare` and :func:`analyze` wrote: the output directory, the report's path, the
+    analysed subjects, their analysis results and the seconds each step took."""
+
     out_dir: Path
     report: Path
     subjects: list[Subject]

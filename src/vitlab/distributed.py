@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
+        """Whether the job runs as more than one process."""
         return self.world_size > 1
 
 
@@ -76,11 +80,12 @@ def finish() -> None:
 
 
 def barrier() -> None:
+    """Wait until every process of the job gets here; a no-op for one process."""
     if _several():
         dist.barrier()
 
 
-def broadcast_object(obj):
+def broadcast_object(obj: _T) -> _T:
     """``obj`` as rank 0 has it, on every process."""
     if not _several():
         return obj
@@ -98,7 +103,7 @@ def current() -> World:
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def all_reduce_fields(obj, names: tuple[str, ...]) -> None:
+def all_reduce_fields(obj: object, names: tuple[str, ...]) -> None:
     """Sum the named running sums of an accumulator over all processes, in place.
 
     A field may be a tensor, an int or float, or a dict of either (keyed alike on every
@@ -116,7 +121,7 @@ def all_reduce_fields(obj, names: tuple[str, ...]) -> None:
             setattr(obj, name, _reduced(value))
 
 
-def _reduced(value):
+def _reduced(value: torch.Tensor | int | float) -> torch.Tensor | int | float:
     if isinstance(value, torch.Tensor):
         return all_reduce_sum(value.clone())
     return type(value)(all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item())

@@ -85,10 +85,12 @@ class Leaf:
 
     @property
     def dotted(self) -> str:
+        """The field path joined with dots, e.g. ``"optim.lr"``."""
         return ".".join(self.path)
 
     @property
     def flag(self) -> str:
+        """The command-line flag of the option: ``--`` and its key with dashes, e.g. ``--label-smoothing``."""
         return "--" + self.key.replace("_", "-")
 
 

@@ -102,6 +102,7 @@ class PatchSelfAttention(nn.Module):
         return self._probs(queries, keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, H, W) -> (B, out_chans, H, W): attention over the patch tokens, folded back."""
         b, _, h, w = x.shape
         queries, keys = self._tokens(x)
         attn = self._probs(queries, keys)
@@ -207,6 +208,7 @@ class ConvAttentionResult:
     head_maps: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: kernel_size, patch_size, num_heads, max_abs_error and head_maps (heads, 2R+1, 2R+1)."""
         return to_jsonable({"kernel_size": list(self.kernel_size), "patch_size": self.patch_size,
                             "num_heads": self.num_heads, "max_abs_error": self.max_abs_error,
                             "head_maps": self.head_maps})

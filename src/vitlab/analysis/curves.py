@@ -23,6 +23,7 @@ class TrainingCurves:
     runs: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe ``{model name: [metrics row per epoch]}``."""
         return to_jsonable(self.runs)
 
     def plot(self, ax: Any, metric: str = "val_acc") -> None:

@@ -20,7 +20,7 @@ images leaving at each exit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from ..models.early_exit import EarlyExitModel
 from .batches import require_labels
 from .registry import Analysis, Context
 from .results import to_jsonable
+
+if TYPE_CHECKING:
+    from .subjects import Subject
 
 #: Default thresholds: from "exit at once" to "never exit early".
 THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)
@@ -51,6 +54,7 @@ class ExitCurveResult:
     num_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, thresholds, accuracy, relative_compute, exit_shares (per threshold), num_images."""
         return to_jsonable({"model": self.model, "thresholds": self.thresholds, "accuracy": self.accuracy,
                             "relative_compute": self.relative_compute, "exit_shares": self.exit_shares,
                             "num_images": self.num_images})
@@ -197,7 +201,7 @@ def _mac_counter() -> FlopCounterMode:
 
 
 @torch.inference_mode()
-def exit_curve(subject, loader: Iterable, thresholds: Sequence[float] = THRESHOLDS,
+def exit_curve(subject: Subject, loader: Iterable, thresholds: Sequence[float] = THRESHOLDS,
                name: str | None = None) -> ExitCurveResult:
     """The accuracy-against-compute curve of ``subject`` (a :class:`Subject` of an early-exit model)."""
     model = subject.model

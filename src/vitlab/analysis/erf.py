@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def effective_receptive_field(
     model: nn.Module,
     anatomy: Anatomy,
     batches: Iterable[Tensor],
-    prepare=lambda x: x,
+    prepare: Callable[[Tensor], Tensor] = lambda x: x,
     progress: bool = False,
     name: str = "model",
 ) -> ERFResult:
@@ -119,6 +119,7 @@ class ERFResult:
         return np.array(out)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, layers, num_images, radius_50_px (per layer) and maps (layers, H, W)."""
         return to_jsonable({"model": self.model, "layers": self.layers, "num_images": self.num_images,
                             "radius_50_px": self.radii(), "maps": self.maps})
 

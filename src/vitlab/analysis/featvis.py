@@ -18,7 +18,7 @@ vitlab models trained on ``shapes`` and ImageNet models from timm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ..errors import VitlabError
 from ..options import option
 from .registry import Analysis, Context, Figure
 from .results import to_jsonable
+
+if TYPE_CHECKING:
+    from .subjects import Subject
 
 __all__ = ["augment_copies", "total_variation", "visualise_unit", "feature_visualisation", "FeatureVisResult"]
 
@@ -110,7 +113,7 @@ def visualise_unit(
     return image.detach(), final
 
 
-def feature_visualisation(subject, units: Sequence[tuple[str, int]] | None = None, per_layer: int = 4,
+def feature_visualisation(subject: Subject, units: Sequence[tuple[str, int]] | None = None, per_layer: int = 4,
                           layers: int = 3, steps: int = 400, seed: int = 0, progress: bool = False) -> FeatureVisResult:
     """Visualise MLP hidden units of ``subject``: ``units`` as ``(layer label, unit)`` pairs, or by
     default the first ``per_layer`` units of ``layers`` blocks spread over depth."""
@@ -151,6 +154,7 @@ class FeatureVisResult:
     steps: int = 400
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, steps, and units (layer, unit and the activation reached; not the images)."""
         # The images themselves are in the report's figure; results.json keeps the numbers.
         return to_jsonable({"model": self.model, "steps": self.steps,
                             "units": [{"layer": la, "unit": u, "activation": a}

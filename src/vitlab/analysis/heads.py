@@ -202,6 +202,7 @@ class AttentionHeads:
         self.counts: dict[str, int] = {}
 
     def add(self, layer: str, attn: Tensor) -> None:
+        """Add one batch's attention (batch, heads, T, T) of ``layer`` to its aligned-map and entropy sums."""
         _check_attention(attn, self.grid, self.prefix_tokens)
         with torch.no_grad():
             canvas, entropy, count = _sums(attn.detach(), self.grid, self.prefix_tokens)
@@ -249,9 +250,11 @@ class HeadsResult:
     entropy: list[np.ndarray]
 
     def offsets(self) -> list[np.ndarray]:
+        """Per layer: each head's centre-of-mass distance from the query, in [-1, 1] canvas units (heads,)."""
         return [head_offsets(m) for m in self.aligned]
 
     def labels(self) -> list[list[str]]:
+        """Per layer: each head's label, ``local``, ``offset-local`` or ``global`` (:func:`classify_heads`)."""
         return [classify_heads(m) for m in self.aligned]
 
     def counts(self) -> dict[str, int]:
@@ -260,6 +263,8 @@ class HeadsResult:
         return {label: flat.count(label) for label in HEAD_LABELS}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, layers, the labelling rule, and per layer labels, offsets, entropy and aligned
+        maps; label_counts over all layers."""
         return to_jsonable({
             "model": self.model, "layers": self.layers,
             "rule": {"local_mass": LOCAL_MASS, "offset_share": OFFSET_SHARE},

@@ -14,7 +14,7 @@ HSIC, float64 sums), so memory is bounded by ``2 * positions`` Grams of one batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from ..options import option
 from .cka import MinibatchCKA
 from .registry import Analysis, Context, Stream
 from .results import to_jsonable
+
+if TYPE_CHECKING:
+    from .subjects import Subject
 
 __all__ = ["image_patches", "token_grid", "Localisation", "LocalisationResult"]
 
@@ -79,6 +82,7 @@ class Localisation:
         self.cka.all_reduce()
 
     def result(self, model: str, layer: str) -> LocalisationResult:
+        """The token-by-patch CKA matrix so far as a :class:`LocalisationResult` for ``model``'s ``layer``."""
         return LocalisationResult(model, layer, self.grid, self.cka.compute().numpy())
 
 
@@ -98,6 +102,7 @@ class LocalisationResult:
         return float((self.matrix.argmax(axis=1) == np.arange(len(self.matrix))).mean())
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, layer, grid, own_patch_rate and matrix (token positions x patch positions)."""
         return to_jsonable({"model": self.model, "layer": self.layer, "grid": list(self.grid),
                             "own_patch_rate": self.own_patch_rate(), "matrix": self.matrix})
 
@@ -132,7 +137,7 @@ class LocalisationOptions:
                                     "input's token grid)")
 
 
-def localisation_layer(subject, label: str | None) -> tuple[str, str] | None:
+def localisation_layer(subject: Subject, label: str | None) -> tuple[str, str] | None:
     """(module path, label) of the layer whose tokens are compared with the input patches."""
     a = subject.anatomy
     if a.grid is None or a.patch_size is None:

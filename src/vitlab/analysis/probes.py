@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -213,6 +213,7 @@ class ProbeResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, layers, accuracy (task -> per layer) and best (task -> layer, depth, accuracy)."""
         return to_jsonable({"model": self.model, "layers": self.layers, "accuracy": self.accuracy,
                             "best": self.best_layers()})
 
@@ -260,7 +261,8 @@ def run(context: Context) -> dict[str, ProbeResult]:
             labels_now: dict[str, torch.Tensor] = {}
             add = probes.add_train if phase == "train" else probes.add_eval
 
-            def receive(name: str, output: Tensor, add=add, labels_now=labels_now) -> None:
+            def receive(name: str, output: Tensor, add: Callable[[str, Tensor, Tensor], None] = add,
+                        labels_now: dict[str, torch.Tensor] = labels_now) -> None:
                 add(name, output, labels_now["y"])
 
             with Capture(s.model, s.anatomy.layer_names, receive), torch.no_grad():

@@ -188,6 +188,7 @@ class Analysis:
 
     @property
     def streamed(self) -> bool:
+        """Whether it runs in the shared streamed pass (it has a ``stream``) rather than a pass of its own."""
         return self.stream is not None
 
     @property

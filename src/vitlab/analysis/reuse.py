@@ -16,7 +16,7 @@ most; a model trained from scratch moves far from its initialisation everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ..runs import INIT_WEIGHTS
 from .cka import MinibatchCKA
 from .registry import Analysis, Context
 from .results import to_jsonable
+
+if TYPE_CHECKING:
+    from .subjects import Subject
 
 __all__ = ["same_parameter_shapes", "weight_change", "feature_reuse", "FeatureReuseResult"]
 
@@ -55,7 +58,8 @@ def weight_change(model_a: nn.Module, model_b: nn.Module, module: str) -> float:
 
 
 @torch.no_grad()
-def feature_reuse(subject_a, subject_b, loader: Iterable, progress: bool = False) -> FeatureReuseResult:
+def feature_reuse(subject_a: Subject, subject_b: Subject, loader: Iterable,
+                  progress: bool = False) -> FeatureReuseResult:
     """Per-layer CKA and weight change between two subjects of the same architecture."""
     layers = subject_a.anatomy.layer_names
     if layers != subject_b.anatomy.layer_names:
@@ -92,6 +96,7 @@ class FeatureReuseResult:
     weight_change: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model_a, model_b, layers, and per layer cka and weight_change."""
         return to_jsonable({"model_a": self.model_a, "model_b": self.model_b, "layers": self.layers,
                             "cka": self.cka, "weight_change": self.weight_change})
 
@@ -115,7 +120,7 @@ class FeatureReuseResult:
 # --- in the suite -------------------------------------------------------------------------------
 
 
-def initial_subject(subject: Any) -> Any:
+def initial_subject(subject: Subject) -> Subject | None:
     """The subject's run at initialisation (its ``init.safetensors``), or None without one."""
     from .subjects import subject_from_run
 

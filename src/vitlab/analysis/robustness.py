@@ -22,7 +22,7 @@ Each test gives accuracy against its level; :class:`RobustnessResult` draws one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from ..options import option
 from .batches import Limited, images_of, require_labels
 from .registry import Analysis, Context, Figure
 from .results import to_jsonable
+
+if TYPE_CHECKING:
+    from .subjects import Subject
 
 __all__ = ["TESTS", "patch_mask", "drop_patches", "shuffle_patches", "cls_saliency", "salient_drop_masks",
            "robustness", "RobustnessResult"]
@@ -75,7 +78,7 @@ def shuffle_patches(images: Tensor, grid: int, generator: torch.Generator) -> Te
     return F.fold(patches, (h, w), (ph, pw), stride=(ph, pw))
 
 
-def cls_saliency(subject, images: Tensor) -> Tensor:
+def cls_saliency(subject: Subject, images: Tensor) -> Tensor:
     """The last attention site's class-token attention over its patch grid, head-averaged: (B, gh, gw)."""
     sites = [s for s in subject.anatomy.attention if s.prefix_tokens > 0]
     if not sites:
@@ -106,12 +109,12 @@ def salient_drop_masks(saliency: Tensor, grid: int, fraction: float, salient: bo
 
 @torch.no_grad()
 def robustness(
-    subject,
+    subject: Subject,
     loader: Iterable,
     tests: Sequence[str] = TESTS,
     grid: int = 8,
     shuffle_grids: Sequence[int] = (1, 2, 4, 8),
-    saliency_subject=None,
+    saliency_subject: Subject | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> RobustnessResult:
@@ -177,6 +180,7 @@ class RobustnessResult:
     saliency_model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, grid, num_images, saliency_model and curves (test -> levels and accuracy)."""
         return to_jsonable({"model": self.model, "grid": self.grid, "num_images": self.num_images,
                             "saliency_model": self.saliency_model,
                             "curves": {t: {"levels": x, "accuracy": y} for t, (x, y) in self.curves.items()}})

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..anatomy import AttentionSite
 from ..options import option
 from .registry import Analysis, Context, Figure, Stream
 from .results import to_jsonable
@@ -48,6 +49,7 @@ class RolloutResult:
     example_images: np.ndarray = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, grid, residual, entropy, num_images, mean_map and example_maps (not the images)."""
         return to_jsonable({"model": self.model, "grid": list(self.grid), "residual": self.residual,
                             "entropy": self.entropy, "num_images": self.num_images, "mean_map": self.mean_map,
                             "example_maps": self.example_maps})
@@ -101,10 +103,12 @@ class RolloutStream(Stream):
         self.counts = {name: 0 for name in self.subjects}
         self.examples: dict[str, tuple[list, list]] = {name: ([], []) for name in self.subjects}
 
-    def attention(self, subject: str) -> list:
+    def attention(self, subject: str) -> list[AttentionSite]:
+        """Every attention site of ``subject`` if rollout applies to it, else none."""
         return list(self.subjects[subject].anatomy.attention) if subject in self.subjects else []
 
     def on_attention(self, subject: str, site: str, probs: Tensor) -> None:
+        """Multiply the next layer's head-averaged, residual-mixed attention (B, tokens, tokens) into the product."""
         a = probs.detach().to(torch.float64).mean(dim=1)
         residual = self.options.residual
         a = (1 - residual) * a + residual * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
@@ -112,6 +116,8 @@ class RolloutStream(Stream):
         self.product[subject] = a if subject not in self.product else a @ self.product[subject]
 
     def after_forward(self, subject: str, images: Tensor) -> None:
+        """Add the batch's class-token maps (from the finished product) to the mean and the entropy, and keep the
+        first examples with their images (un-normalised to [0, 1])."""
         if subject not in self.product:
             return
         s = self.subjects[subject]
@@ -129,6 +135,7 @@ class RolloutStream(Stream):
             originals.append((images[k].float().cpu() * std + mean).numpy())
 
     def all_reduce(self) -> None:
+        """Sum the map sums, entropies and image counts over the torchrun processes (a no-op in one process)."""
         from ..distributed import all_reduce_fields
 
         for name in self.subjects:
@@ -137,6 +144,7 @@ class RolloutStream(Stream):
             self.sums[name], self.entropy[name], self.counts[name] = box.total, box.entropy, box.count
 
     def results(self) -> dict[str, RolloutResult]:
+        """A :class:`RolloutResult` per applicable model: mean map and mean entropy over the images seen."""
         out = {}
         for name, s in self.subjects.items():
             count = max(self.counts[name], 1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from ..errors import VitlabError
 from ..options import option
 from .registry import Analysis, Context, Figure
 from .results import to_jsonable
+
+if TYPE_CHECKING:
+    from .subjects import Subject
 
 __all__ = ["GEIRHOS_CATEGORIES", "imagenet_to_16", "ConflictShapes", "shapes_shape_bias", "geirhos_shape_bias",
            "ShapeBiasResult", "plot_shape_bias", "geirhos_stimuli"]
@@ -113,7 +116,7 @@ def _score(decisions: Tensor, shapes: Tensor, textures: Tensor) -> tuple[int, in
 
 
 @torch.no_grad()
-def shapes_shape_bias(subject, loader: Iterable | None = None, num_images: int = 1024, batch_size: int = 256,
+def shapes_shape_bias(subject: Subject, loader: Iterable | None = None, num_images: int = 1024, batch_size: int = 256,
                       trained_on: str | None = None, progress: bool = False) -> ShapeBiasResult:
     """Shape bias of ``subject`` (a 10-class ``shapes`` model) on cue-conflict ``shapes`` images."""
     if getattr(subject.model, "num_classes", 10) != 10:
@@ -150,7 +153,8 @@ def geirhos_stimuli(folder: str | Path) -> list[tuple[Path, int, int]]:
 
 
 @torch.no_grad()
-def geirhos_shape_bias(subject, folder: str | Path, batch_size: int = 32, progress: bool = False) -> ShapeBiasResult:
+def geirhos_shape_bias(subject: Subject, folder: str | Path, batch_size: int = 32,
+                       progress: bool = False) -> ShapeBiasResult:
     """Shape bias of an ImageNet-1k ``subject`` on the Geirhos cue-conflict images in ``folder``."""
     if getattr(subject.model, "num_classes", 1000) != 1000:
         raise VitlabError(f"the Geirhos protocol needs an ImageNet-1k model; {subject.name} has "
@@ -187,10 +191,13 @@ class ShapeBiasResult:
 
     @property
     def shape_bias(self) -> float:
+        """The share of shape decisions among the shape and texture decisions; NaN when there are none."""
         cue = self.shape_decisions + self.texture_decisions
         return self.shape_decisions / cue if cue else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, protocol, shape_bias, the shape/texture/other decision counts, num_images and
+        trained_on."""
         return to_jsonable({"model": self.model, "protocol": self.protocol, "shape_bias": self.shape_bias,
                             "shape_decisions": self.shape_decisions, "texture_decisions": self.texture_decisions,
                             "other_decisions": self.other_decisions, "num_images": self.num_images,

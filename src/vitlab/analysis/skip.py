@@ -97,6 +97,7 @@ class SkipRatios:
         all_reduce_fields(self, ("prefix_sum", "prefix_count", "spatial_sum", "spatial_count"))
 
     def result(self, model: str) -> SkipResult:
+        """The mean ratios so far as a :class:`SkipResult` for ``model`` (NaN where a site has no such tokens)."""
         if not self.spatial_count.any():
             raise VitlabError("no forward pass seen; run the model inside Hooks(model, ratios.hooks())")
         nan = torch.full_like(self.prefix_sum, float("nan"))
@@ -120,6 +121,7 @@ class SkipResult:
     spatial_ratio: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: model, sites, kinds, and the per-site cls_ratio and spatial_ratio."""
         return to_jsonable({"model": self.model, "sites": self.sites, "kinds": self.kinds,
                             "cls_ratio": self.cls_ratio, "spatial_ratio": self.spatial_ratio})
 

@@ -45,10 +45,12 @@ class Subject:
 
     @property
     def val_acc(self) -> float | None:
+        """The run's last-epoch validation accuracy; ``None`` for named models (no training record)."""
         return self.metrics[-1]["val_acc"] if self.metrics else None
 
     @property
     def train_time_s(self) -> float | None:
+        """The run's training time in seconds up to its last epoch; ``None`` for named models."""
         return self.metrics[-1]["time_s"] if self.metrics else None
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,8 @@ class SupervisionComparison:
         return "; ".join(parts) + "." if parts else ""
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: runs, supervision, and per run knn and attention_distance_px against relative depth,
+        and best_knn."""
         return to_jsonable({
             "runs": self.runs, "supervision": self.supervision,
             "knn": {r: {"relative_depth": d, "accuracy": a} for r, (d, a) in self.knn.items()},

@@ -95,6 +95,7 @@ class DatasetInfo:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (the length of ``classes``)."""
         return len(self.classes)
 
 

@@ -44,6 +44,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str) -> Image.Image:
+    """The image file at ``path``, decoded and converted to 8-bit RGB with :func:`to_rgb`."""
     with open(path, "rb") as f:
         image = Image.open(f)
         image.load()  # decode now, while the file is open (to_rgb may return the image itself)
@@ -62,6 +63,7 @@ class DecodedCache:
         self.images: dict[str, Image.Image] = {}
 
     def __call__(self, path: str) -> Image.Image:
+        """The RGB image at ``path``, decoded on the first call and served from memory after."""
         image = self.images.get(path)
         if image is None:
             image = self.images[path] = load_rgb(path)

@@ -52,10 +52,12 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
         self.epoch, self.start_step, self.rank, self.world_size = epoch, start_step, rank, world_size
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Yield the batches of ``epoch`` from step ``start_step`` on, on the next iteration."""
         self.epoch, self.start_step = epoch, start_step
 
     @property
     def steps_per_epoch(self) -> int:
+        """The number of full global batches in one epoch (the last incomplete one is dropped)."""
         return self.num_samples // self.batch_size
 
     def __len__(self) -> int:

@@ -37,6 +37,7 @@ class FitSize:
         self._resize = T.Compose([T.Resize(size), T.CenterCrop(size)])
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        """``image`` itself if it is ``size`` x ``size``, else resized and centre-cropped to that."""
         if image.size == (self.size, self.size):
             return image
         return self._resize(image)
@@ -61,6 +62,7 @@ class PadCropFlip:
         self.shift = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32))[:, None, None]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        """``image`` zero-padded, randomly cropped, maybe flipped and normalised: a float tensor (C, size, size)."""
         pixels = np.asarray(image, dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[..., None].repeat(3, axis=2)

@@ -126,6 +126,7 @@ class ConvTokenizer(nn.Module):
         return grid[0], grid[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, H, W) -> tokens (B, grid rows * grid columns, embed_dim)."""
         # Channels-last because PyTorch's CPU max-pool is several times faster on it than on NCHW
         # (it was a fifth of a CCT training step), and the convolutions are no slower; the reshape
         # to (B, H*W, C) tokens is then a free view. With the explicit attention below it lifted
@@ -161,6 +162,7 @@ class CCTBlock(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, dim) through attention and MLP -> tokens (B, N, dim)."""
         x = self.norm2(x + self.drop_path(self._attention(self.norm1(x))))
         return x + self.drop_path(self.mlp(x))
 
@@ -396,6 +398,7 @@ class CCT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> class logits (B, num_classes) (pooled features (B, embed_dim) without a head)."""
         return self.forward_head(self.forward_features(x))
 
 

@@ -18,7 +18,8 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 if _CPU_FLASH is not None:
 
     @register_flop_formula(_CPU_FLASH)
-    def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    def _cpu_flash_attention_flop(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args,
+                                  out_shape: torch.Size | None = None, **kwargs) -> int:
         # Same work as the GPU flash kernel: q k^T and attn v.
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 

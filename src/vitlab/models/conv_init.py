@@ -86,6 +86,8 @@ class RelPosAttention(Attention):
         return F.pad(self.rel_pos.get_bias(), (p, 0, p, 0))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Self-attention over tokens ``x`` (B, tokens, dim) with the position bias added to the logits (and to
+        ``attn_mask``, if given); returns (B, tokens, dim)."""
         bias = self.position_bias()
         n = x.shape[1]
         if bias.shape[-1] != n:
@@ -150,7 +152,7 @@ def _exclude_from_weight_decay(model: nn.Module) -> None:
     # would pull every head back to uniform attention whatever the data says (Swin excludes it too).
     base = getattr(type(model), "no_weight_decay", None)
 
-    def no_weight_decay(self) -> set[str]:
+    def no_weight_decay(self: nn.Module) -> set[str]:
         return {*(base(self) if base is not None else ()), _NO_DECAY}
 
     model.no_weight_decay = types.MethodType(no_weight_decay, model)

@@ -65,6 +65,7 @@ class ConvEmbed(nn.Module):
         self.norm = LayerNorm2d(dim, eps=1e-5)  # LayerNorm over channels, per position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map (B, in_chans, H, W) -> normalised token map (B, dim, H', W') (see :meth:`output_size`)."""
         return self.norm(self.proj(x))
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -81,6 +82,7 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token map (B, C, H, W) -> projected tokens (B, H'W', C), H' and W' subsampled by ``stride``."""
         return self.bn(self.conv(x)).flatten(2).transpose(1, 2)
 
 
@@ -123,6 +125,7 @@ class ConvAttention(nn.Module):
         return x.reshape(b, t, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Tokens (B, prefix + H*W, C) over an (H, W) = ``size`` grid -> attention output (B, prefix + H*W, C)."""
         b, n, c = x.shape
         h, w = size
         prefix, grid = x.split([n - h * w, h * w], dim=1)
@@ -165,6 +168,7 @@ class CvTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Tokens (B, prefix + H*W, C) over an (H, W) = ``size`` grid -> tokens of the same shape."""
         x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -203,6 +207,7 @@ class CvTStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature map (B, in_chans, H, W) -> this stage's map (B, dim, H', W') and class token (B, 0 or 1, dim)."""
         x = self.patch_embed(x)
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
@@ -416,6 +421,7 @@ class CvT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> class logits (B, num_classes) (pooled features (B, num_features) without a head)."""
         return self.forward_head(self.forward_features(x))
 
 

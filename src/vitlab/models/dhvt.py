@@ -103,6 +103,7 @@ class SOPE(nn.Module):
         self.post_affine = Affine(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, H, W) -> patch tokens (B, H/patch * W/patch, embed_dim)."""
         x = self.post_affine(self.proj(self.pre_affine(x)))
         return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
 
@@ -130,6 +131,8 @@ class DAFF(nn.Module):
         self.excitation = nn.Linear(dim // 4, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1 + H*W, C), class token first -> (B, 1 + H*W, C): patches through the conv MLP, class
+        token rescaled."""
         B, _, C = x.shape
         cls_token, tokens = x[:, :1], x[:, 1:]
         x = tokens.transpose(1, 2).reshape(B, C, *self.grid_size)
@@ -176,6 +179,7 @@ class HeadInteractionAttention(nn.Module):
         return ht.flatten(2) + self.pos_embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1 + N, C), class token first -> attention output (B, 1 + N, C), head tokens dropped."""
         B, T, C = x.shape
         h = self.num_heads
         x = torch.cat([x[:, :1], self.head_tokens(x), x[:, 1:]], dim=1)
@@ -205,6 +209,7 @@ class DHVTBlock(nn.Module):
         self.mlp = DAFF(dim, int(dim * mlp_ratio), grid_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1 + H*W, C), class token first, through HI-MHSA and DAFF -> tokens of the same shape."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -351,6 +356,7 @@ class DHVT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> class logits (B, num_classes) (the class token (B, embed_dim) without a head)."""
         return self.forward_head(self.forward_features(x))
 
 

@@ -107,6 +107,7 @@ class SingleLayerViT(nn.Module):
         self.head.apply(_init_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exit logits (B, num_classes) from a batch of intermediate outputs: tokens (B, N, C) or maps (B, C, H, W)."""
         x = self.embed(x)
         if x.ndim == 4:
             x = x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
@@ -217,7 +218,7 @@ class EarlyExitModel(nn.Module):
         order: list[str] = []
 
         def record(name: str) -> Callable:
-            def hook(module, inputs, output):
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
                 if not torch.is_tensor(output):
                     raise VitlabError(f"layer '{name}' returns {type(output).__name__}, not a tensor; "
                                       "an exit needs a layer that returns one")

@@ -100,6 +100,7 @@ class ChannelPadShortcut(nn.Module):
         self.pad_after = out_channels - in_channels - self.pad_before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, in_channels, H, W) -> (B, out_channels, H', W'): subsampled by ``stride``, channels zero-padded."""
         x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
@@ -137,7 +138,7 @@ def remove_last_attention_skip(model: nn.Module) -> None:
         raise VitlabError(f"removing the last attention skip connection needs timm transformer blocks "
                           f"(model.blocks), which {type(model).__name__} does not have; use a vitlab ViT")
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self: Block, x: torch.Tensor, **kwargs) -> torch.Tensor:
         y = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return y + self.drop_path2(self.ls2(self.mlp(y)))
 

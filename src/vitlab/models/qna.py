@@ -127,6 +127,7 @@ class QnALayer(nn.Module):
         return F.linear(x, qk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, H, W, dim) -> (B, ceil(H / stride), ceil(W / stride), out_dim): the queries' windowed attention."""
         logits, v = self.logits(x), self.value(x)
         # exp() and the window sums run in float32 even under autocast: exponentials of logits
         # that differ by more than ~17 underflow in float16, and a window could sum to zero.
@@ -269,6 +270,7 @@ class LocalSelfAttention(nn.Module):
         return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, H, W, dim) -> (B, H, W, dim): self-attention within each ``window_size`` x ``window_size`` window."""
         b, h, w, c = x.shape
         ws = self.window_size
         windows = x.view(b, h // ws, ws, w // ws, ws, c).transpose(2, 3).reshape(-1, ws * ws, c)
@@ -294,6 +296,7 @@ class StridedProjection(nn.Module):
         self.proj = nn.Linear(dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, H, W, dim) -> (B, ceil(H / stride), ceil(W / stride), out_dim)."""
         return self.proj(x[:, :: self.stride, :: self.stride])
 
 
@@ -327,6 +330,7 @@ class QnABlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, H, W, dim) -> (B, H', W', out_dim): subsampled by a downsampling block, else the same grid."""
         x = self.shortcut(x) + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -384,6 +388,8 @@ class QnAStage(nn.Module):
         return checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, H, W, dim) -> the stage's output: (B, ceil(H / 2), ceil(W / 2), 2 * dim) if it downsamples, else
+        (B, H, W, dim)."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
@@ -568,6 +574,7 @@ class QnAViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> class logits (B, num_classes) (pooled features (B, num_features) without a head)."""
         return self.forward_head(self.forward_features(x))
 
 

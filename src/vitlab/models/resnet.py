@@ -164,6 +164,8 @@ class CifarResNet(nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, H, W) -> class logits (B, num_classes) (pooled features (B, num_features) without a
+        head)."""
         return self.forward_head(self.forward_features(x))
 
 

@@ -123,6 +123,7 @@ class TokenPerformer(nn.Module):
         return v.to(dtype) + self.dp(self.proj(y.to(dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, dim) -> tokens (B, T, out_dim): Performer attention, then the MLP."""
         x = self.attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -173,6 +174,7 @@ class TokenTransformer(nn.Module):
         self.mlp = Mlp(out_dim, int(out_dim * mlp_ratio), out_dim, act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, dim) -> tokens (B, T, out_dim): one-head attention, then the MLP."""
         x = self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -227,6 +229,7 @@ class TokensToToken(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, H, W) -> tokens (B, num_patches, embed_dim) on the grid ``grids[2]``."""
         x = self.soft_split0(x).transpose(1, 2)  # (B, H0*W0, C*k*k)
         x = self.attention1(x)
         x = self.soft_split1(self._fold_to_map(x, self.grids[0])).transpose(1, 2)
@@ -399,6 +402,7 @@ class T2TViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> class logits (B, num_classes) (the class token (B, embed_dim) without a head)."""
         return self.forward_head(self.forward_features(x))
 
 

@@ -52,10 +52,12 @@ def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False) -
 
 
 def save_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """Write ``cfg`` to ``run_dir/config.yaml``, atomically."""
     atomic_write_bytes(Path(run_dir) / CONFIG, dump_config(cfg).encode())
 
 
 def read_config(run_dir: Path) -> TrainConfig:
+    """The run's :class:`~vitlab.config.TrainConfig`, read from its ``config.yaml``; one clear line if it has none."""
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise VitlabError(f"'{run_dir}' is not a vitlab run directory (no {CONFIG})")
@@ -89,6 +91,7 @@ def load_weights(run_dir: Path, model: nn.Module, name: str = WEIGHTS) -> None:
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of global step ``step`` goes: ``run_dir/state-<step, 8 digits>.pt``."""
     return Path(run_dir) / f"state-{step:08d}.pt"
 
 
@@ -174,6 +177,7 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of ``metrics.csv`` (one per finished epoch) as floats; ``[]`` when the run has none yet."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []

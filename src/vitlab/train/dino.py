@@ -64,6 +64,7 @@ class DINOHead(nn.Module):
         trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, in_dim) -> cosine similarities to the prototypes (B, prototypes)."""
         x = F.normalize(self.mlp(features), dim=-1)
         return x @ F.normalize(self.prototypes, dim=-1).T  # weight norm with g = 1: unit-norm rows
 
@@ -143,6 +144,7 @@ class DINO(PretrainingObjective):
         return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
 
     def train(self, mode: bool = True) -> "DINO":
+        """Set the student's training ``mode``; the teacher always stays in eval mode. Returns ``self``."""
         super().train(mode)
         self.teacher.eval()  # the teacher never drops anything (dropout, stochastic depth) and uses running BN stats
         return self
@@ -159,6 +161,8 @@ class DINO(PretrainingObjective):
         return 1 - (1 - self.momentum) * (math.cos(math.pi * step / self.total_steps) + 1) / 2
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) -> ``(student, teacher)`` prototype logits (2B, prototypes) each, for two random
+        views of every image (first view in the first half)."""
         views = torch.cat([augment_views(images, self.mean, self.std, self.crop_scale) for _ in range(2)])
         student = self.head(pooled_features(self.backbone, views))
         with torch.no_grad():
@@ -166,7 +170,7 @@ class DINO(PretrainingObjective):
             teacher = teacher_net["head"](pooled_features(teacher_net["backbone"], views))
         return student, teacher
 
-    def loss(self, outputs, step: int | None = None) -> tuple[torch.Tensor, None]:
+    def loss(self, outputs: tuple[torch.Tensor, torch.Tensor], step: int | None = None) -> tuple[torch.Tensor, None]:
         """Cross-entropy of the student's view-j distribution against the teacher's (centred,
         sharpened) view-i distribution, averaged over the pairs i != j; training batches also
         note their teacher mean for :meth:`after_step`'s centre update."""

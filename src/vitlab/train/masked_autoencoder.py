@@ -111,6 +111,8 @@ class MaskedAutoencoder(PretrainingObjective):
         return self.decoder_pred(x[:, p:])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) -> ``(prediction, target, mask)``: predicted and target pixels (B, patches,
+        patch_pixels), and the mask (B, patches), 1 for the patches the encoder did not see."""
         keep, shuffle = self.random_masking(images.shape[0], images.device)
         prediction = self.decode(self.encode(images, keep), shuffle)
         target = self.patchify(images)
@@ -121,7 +123,8 @@ class MaskedAutoencoder(PretrainingObjective):
         mask.scatter_(1, keep, 0.0)
         return prediction, target, mask
 
-    def loss(self, outputs, step: int | None = None) -> tuple[torch.Tensor, None]:
+    def loss(self, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+             step: int | None = None) -> tuple[torch.Tensor, None]:
         """Mean squared error per pixel, averaged over the masked patches only (kept ones do not count)."""
         prediction, target, mask = outputs
         per_patch = (prediction.float() - target.float()).pow(2).mean(-1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import ClassVar, Iterable
+from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,9 @@ import torch.nn as nn
 from ..errors import VitlabError
 from ..knn import knn_accuracy
 from .tasks import Task
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 #: The objectives ``TrainConfig.objective`` accepts besides ``supervised``.
 PRETRAINING_OBJECTIVES = ("mp3", "mae", "dino")
@@ -62,16 +65,21 @@ class PretrainingObjective(nn.Module, Task):
 
     def evaluate(self, loader: Iterable, device: torch.device, precision: str, progress: bool = False,
                  model: nn.Module | None = None) -> dict[str, float]:
+        """``{"val_loss": ..., "val_acc": ...}`` from :meth:`validate` (``precision``, ``progress`` and ``model``
+        are not used)."""
         val_loss, val_acc = self.validate(loader, device)
         return {"val_loss": val_loss, "val_acc": val_acc}
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's ``state["task"]``: every tensor but the backbone's (:meth:`task_state`)."""
         return self.task_state()
 
     def load_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Restore what :meth:`state` saved (:meth:`load_task_state`)."""
         self.load_task_state(state)
 
-    def loss(self, outputs, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def loss(self, outputs: torch.Tensor | tuple[torch.Tensor, ...],
+             step: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The objective's loss from ``forward``'s outputs at global ``step`` (``None``: validation),
         and the batch's training accuracy (``None`` where there is none)."""
         raise NotImplementedError
@@ -121,7 +129,7 @@ class PretrainingObjective(nn.Module, Task):
 
 
 @contextlib.contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu"):
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     """Draw from ``seed`` inside the block and leave the global RNG (CPU, and CUDA if used) as it was."""
     device = torch.device(device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -145,7 +153,7 @@ def feature_dim(model: nn.Module) -> int:
     return dim
 
 
-def build_objective(cfg, model: nn.Module, steps_per_epoch: int, mean: tuple[float, float, float],
+def build_objective(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int, mean: tuple[float, float, float],
                     std: tuple[float, float, float]) -> PretrainingObjective:
     """The objective ``cfg.objective`` names, wrapping ``model``.
 

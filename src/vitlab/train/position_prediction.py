@@ -14,6 +14,8 @@ Built on timm's ``VisionTransformer``: the key subset is an attention mask that 
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,6 +43,8 @@ class PositionPrediction(PretrainingObjective):
         self.head = nn.Linear(vit.embed_dim, self.num_patches)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> position logits (B, patches, patches) of every patch token, attending to a
+        random subset of keys and without the position embedding."""
         vit = self.backbone
         x = vit.patch_embed(images)  # (B, N, D): no position embedding
         b, n, _ = x.shape
@@ -68,7 +72,7 @@ class PositionPrediction(PretrainingObjective):
         targets = self.targets(outputs.shape[0], logits.device)
         return F.cross_entropy(logits, targets), (logits.argmax(1) == targets).float().mean()
 
-    def validate(self, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
+    def validate(self, loader: Iterable, device: torch.device | str = "cpu") -> tuple[float, float]:
         """Position-prediction loss and accuracy over every token of the validation images."""
         return position_accuracy(self, loader, device)
 
@@ -81,7 +85,8 @@ class PositionPrediction(PretrainingObjective):
 
 
 @torch.inference_mode()
-def position_accuracy(task: PositionPrediction, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
+def position_accuracy(task: PositionPrediction, loader: Iterable,
+                      device: torch.device | str = "cpu") -> tuple[float, float]:
     """Mean position-prediction loss and accuracy over the images of ``loader`` (labels unused)."""
     was_training = task.training
     task.eval()

@@ -94,6 +94,8 @@ class Classification(Task):
 
     def batch_loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    step: int) -> tuple[torch.Tensor, float]:
+        """:meth:`heads_loss` of the model's heads (on Mixup/CutMix targets if enabled) and the final head's
+        right predictions against the true labels."""
         targets = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)  # soft targets; accuracy is against the true labels
@@ -131,6 +133,8 @@ class EarlyExitTraining(Classification):
         model.freeze_backbone()
 
     def heads_loss(self, heads: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss of the exit branches (every head but the final one), against ``targets`` or, with
+        ``copycat``, against the final head's predicted classes."""
         if self.copycat:  # each branch learns the final head's decisions
             copied = heads[-1].detach().argmax(1)
             return sum(self.loss_fn(head.float(), copied) for head in heads[:-1])

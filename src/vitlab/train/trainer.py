@@ -64,10 +64,12 @@ class TrainResult:
 
     @property
     def val_acc(self) -> float:
+        """The last epoch's ``val_acc`` (NaN before the first epoch ends)."""
         return self.metrics[-1]["val_acc"] if self.metrics else float("nan")
 
     @property
     def train_time_s(self) -> float:
+        """Seconds spent training up to the last epoch, resumed runs included (0 before the first epoch ends)."""
         return self.metrics[-1]["time_s"] if self.metrics else 0.0
 
 
