@@ -41,16 +41,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import (
     build_model_with_cfg,
-    checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
     register_model,
     register_model_deprecations,
 )
-from timm.models._features import feature_take_indices
 
 from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy
-from .layers import default_cfg, tokens_to_intermediates
+from .layers import BlockIntermediates, default_cfg
 
 __all__ = ["DHVT", "SOPE", "DAFF", "HeadInteractionAttention", "DHVTBlock"]
 
@@ -217,7 +215,7 @@ class DHVTBlock(nn.Module):
 # --- model class ----------------------------------------------------------------------------------
 
 
-class DHVT(nn.Module):
+class DHVT(BlockIntermediates, nn.Module):
     """DHVT: SOPE patch embedding, class token, DHVT blocks, LayerNorm, linear head on the class token.
 
     As in the official code, ``drop_rate`` is the dropout after each attention's output projection
@@ -306,49 +304,9 @@ class DHVT(nn.Module):
             x = self.blocks(x)
         return self.norm(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs as timm's ``VisionTransformer.forward_intermediates`` returns them.
-
-        ``indices``: the last n blocks (int), all (None) or the listed ones; ``norm`` applies the
-        final norm to each; ``stop_early`` skips the blocks after the last one taken. Maps are
-        (B, embed_dim, H, W) on the patch grid (``output_fmt="NLC"``: tokens), each with the class
-        token when ``return_prefix_tokens`` (the head tokens live only inside the attention).
-        Returns the intermediates, or ``(forward_features output, intermediates)`` unless
-        ``intermediates_only``.
-        """
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self._embed(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        intermediates = tokens_to_intermediates(intermediates, self.patch_embed.grid_size, self.num_prefix_tokens,
-                                                output_fmt, return_prefix_tokens)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last of ``indices`` (and the final norm, the classifier if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
-        return take_indices
+    def intermediate_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The token grid of images ``x``: SOPE's patch grid."""
+        return tuple(self.patch_embed.grid_size)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The class token, classified unless ``pre_logits``."""

@@ -15,12 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import checkpoint
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from ..errors import VitlabError
 
-__all__ = ["ChannelPadShortcut", "default_cfg", "freeze_sincos_pos_embed_", "remove_last_attention_skip",
-           "tokens_to_intermediates"]
+__all__ = ["BlockIntermediates", "ChannelPadShortcut", "default_cfg", "freeze_sincos_pos_embed_",
+           "remove_last_attention_skip", "tokens_to_intermediates"]
 
 #: Normalisation of vitlab's 32x32 models: images scaled to [-1, 1].
 SMALL_MEAN = SMALL_STD = (0.5, 0.5, 0.5)
@@ -81,6 +83,63 @@ def tokens_to_intermediates(
     if return_prefix_tokens and num_prefix_tokens:
         return list(zip(tokens, prefix))
     return tokens
+
+
+class BlockIntermediates:
+    """timm's ``forward_intermediates`` and ``prune_intermediate_layers`` for a token model whose
+    ``forward_features`` is ``norm(blocks(_embed(x)))`` on one token grid (CCT, T2T-ViT, DHVT).
+
+    The model provides ``_embed``, ``blocks``, ``norm``, ``num_prefix_tokens``,
+    ``grad_checkpointing``, ``reset_classifier`` and :meth:`intermediate_grid`.
+    """
+
+    def intermediate_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The token grid (rows, columns) the blocks work on for images ``x``."""
+        raise NotImplementedError
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs as timm's ``VisionTransformer.forward_intermediates`` returns them.
+
+        ``indices``: the last n blocks (int), all (None) or the listed ones; ``norm`` applies the
+        final norm to each; ``stop_early`` skips the blocks after the last one taken. Maps are
+        (B, embed_dim, H, W) on the token grid (``output_fmt="NLC"``: tokens), each with the prefix
+        (class) tokens when ``return_prefix_tokens``. Returns the intermediates, or
+        ``(forward_features output, intermediates)`` unless ``intermediates_only``.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.intermediate_grid(x)
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        intermediates = tokens_to_intermediates(intermediates, grid, self.num_prefix_tokens, output_fmt,
+                                                return_prefix_tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the classifier if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
 
 class ChannelPadShortcut(nn.Module):
