@@ -176,7 +176,8 @@ class FeatureVisResult:
         ax.set_yticklabels(rows, fontsize="small")
         ax.set_xticks([c * (w + 2) + w / 2 for c in range(cols)])
         ax.set_xticklabels([f"unit {u}" for u in self.units[:cols]], fontsize="small")
-        ax.set_title(f"{self.model}: images that excite MLP units ({self.steps} Adam steps)", fontsize="small")
+        # Two lines: a model name and the recipe side by side would overrun the panel at the report's width.
+        ax.set_title(f"{self.model}\nimages that excite MLP units ({self.steps} Adam steps)", fontsize="small")
 
 
 # --- in the suite -------------------------------------------------------------------------------

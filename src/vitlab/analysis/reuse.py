@@ -114,7 +114,7 @@ class FeatureReuseResult:
         ax.set_xticks(depth[::stride])
         ax.set_xticklabels(self.layers[::stride], rotation=45, ha="right", fontsize="small")
         ax.set_xlabel("layer (depth)")
-        ax.set_title(f"feature reuse: {self.model_a} vs {self.model_b}", fontsize="small")
+        ax.set_title(f"feature reuse:\n{self.model_a} vs {self.model_b}", fontsize="small")
 
 
 # --- in the suite -------------------------------------------------------------------------------
