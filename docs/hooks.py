@@ -104,3 +104,13 @@ def _rst_to_markdown(text: str) -> str:
     """The docstrings' reST inline markup as Markdown: ``code`` and :role:`target`."""
     text = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text)
     return text.replace("``", "`")
+
+
+_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):(<code>)~?([\w.]*?)([\w]+)(</code>)")
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """The docstrings' reST roles as plain code: ``:class:`~a.b.C``` reads ``C``, ``:func:`x.f``` ``x.f``."""
+    html = _ROLE.sub(lambda m: m.group(1) + (m.group(3) if "~" in m.group(0) else m.group(2) + m.group(3)) + m.group(4),
+                     html)
+    return html.replace("::</p>", ":</p>")  # a reST literal-block marker before a code block
