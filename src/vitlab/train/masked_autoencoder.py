@@ -46,7 +46,7 @@ class MaskedAutoencoder(PretrainingObjective):
 
         if not isinstance(vit, VisionTransformer):
             raise VitlabError(f"MAE needs a ViT (timm VisionTransformer), not {type(vit).__name__}; use e.g. "
-                              "vit_nano_patch4_32 or vit_tiny_patch4_32 (vitlab models 'vit*'), or --method dino")
+                              "vit_nano_patch4_32 or vit_tiny_patch4_32 (vitlab models 'vit*'), or --objective dino")
         if not 0 < mask_ratio < 1:
             raise VitlabError(f"mae_mask_ratio (the fraction of patches hidden) must be in (0, 1), not {mask_ratio}")
         if getattr(vit, "dynamic_img_size", False):
