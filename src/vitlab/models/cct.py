@@ -38,7 +38,6 @@ import torch.nn as nn
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import (
     build_model_with_cfg,
-    checkpoint_seq,
     generate_default_cfgs,
     register_model,
     register_model_deprecations,
@@ -292,10 +291,6 @@ class CCT(BlockIntermediates, nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -333,14 +328,6 @@ class CCT(BlockIntermediates, nn.Module):
             x = x.add_(self._pos_embed_for(img_size))
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normalised tokens (B, prefix + grid tokens, embed_dim)."""
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
 
     def intermediate_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid of images ``x``: the tokenizer's output grid, which follows the image size."""

@@ -41,7 +41,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import (
     build_model_with_cfg,
-    checkpoint_seq,
     generate_default_cfgs,
     register_model,
     register_model_deprecations,
@@ -244,6 +243,8 @@ class DHVT(BlockIntermediates, nn.Module):
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # Checkpointed, DAFF's BatchNorm updates its running statistics a second time in training mode
+        # (outputs and gradients are unchanged), as any checkpointed BatchNorm does.
         self.grad_checkpointing = False
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.init_weights()
@@ -269,14 +270,6 @@ class DHVT(BlockIntermediates, nn.Module):
         """Regexes grouping the parameters for layer-wise learning rates: SOPE and class token, then blocks."""
         return dict(stem=r"^cls_token|^patch_embed|^norm_pre", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them.
-
-        As with any checkpointed BatchNorm (DAFF's), the recomputation updates the running
-        statistics a second time in training mode; outputs and gradients are unchanged.
-        """
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -295,14 +288,6 @@ class DHVT(BlockIntermediates, nn.Module):
         x = self.patch_embed(x)
         return self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, in_chans, H, W) -> normalised tokens (B, 1 + H*W/patch^2, embed_dim)."""
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
 
     def intermediate_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid of images ``x``: SOPE's patch grid."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import checkpoint
+from timm.models import checkpoint, checkpoint_seq
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
@@ -86,12 +86,27 @@ def tokens_to_intermediates(
 
 
 class BlockIntermediates:
-    """timm's ``forward_intermediates`` and ``prune_intermediate_layers`` for a token model whose
-    ``forward_features`` is ``norm(blocks(_embed(x)))`` on one token grid (CCT, T2T-ViT, DHVT).
+    """``forward_features``, gradient checkpointing and timm's ``forward_intermediates`` and
+    ``prune_intermediate_layers`` for a token model that is ``norm(blocks(_embed(x)))`` on one
+    token grid (CCT, T2T-ViT, DHVT).
 
     The model provides ``_embed``, ``blocks``, ``norm``, ``num_prefix_tokens``,
     ``grad_checkpointing``, ``reset_classifier`` and :meth:`intermediate_grid`.
     """
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + grid tokens, embed_dim)."""
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
 
     def intermediate_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid (rows, columns) the blocks work on for images ``x``."""

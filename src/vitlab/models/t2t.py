@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
 from ..anatomy import Anatomy, AttentionSite, Layer, register_anatomy, vit_block_residuals
@@ -315,10 +315,6 @@ class T2TViT(BlockIntermediates, nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^tokens_to_token",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each backbone block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enable
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -343,14 +339,6 @@ class T2TViT(BlockIntermediates, nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens (B, 1 + grid tokens, embed_dim), the class token first."""
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
 
     def intermediate_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid of images ``x``: the grid of the last tokens-to-token step."""
