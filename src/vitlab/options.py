@@ -79,9 +79,8 @@ class Leaf:
     spec: Spec
     hint: Any
     default: Any
-    #: Title of the section it belongs to (``""`` at the top), and the section's class.
+    #: Title of the section it belongs to (``""`` at the top).
     group: str
-    owner: type
 
     @property
     def dotted(self) -> str:
@@ -112,7 +111,7 @@ def leaves(cls: type, prefix: str = "", path: tuple[str, ...] = (), group: str =
             out += leaves(hint, prefix + sub.prefix, path + (f.name,), sub.title or f.name)
         elif "option" in f.metadata:
             spec: Spec = f.metadata["option"]
-            out.append(Leaf(path + (f.name,), spec.key or prefix + f.name, spec, hint, _default(f), group, cls))
+            out.append(Leaf(path + (f.name,), spec.key or prefix + f.name, spec, hint, _default(f), group))
     return out
 
 
